@@ -1,0 +1,505 @@
+"""TOML configuration -> frozen dataclasses, with errors a mail admin can act on.
+
+Every section is a dataclass whose fields are the public key names; the
+loader walks them generically, so a typo'd key, a wrong type or a bad value
+is reported as `server.max_recipients: expected an integer, got "ten"
+(fix: ...)` instead of failing late or being ignored. The embedded defaults
+run with no file at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import socket
+import tomllib
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bccguard.policy.domains import normalize_domain
+from bccguard.policy.model import Action, RewriteTo
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A configuration the relay must not start with; one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _check(fn: Callable[[Any], Any], fix: str = "") -> dict[str, Any]:
+    """Field metadata: a converter that raises ValueError, and the fix to suggest."""
+    return {"check": fn, "fix": fix}
+
+
+def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """'127.0.0.1:10025', '[::1]:10025' or ':10025' -> (host, port)."""
+    v = value.strip()
+    if v.startswith("["):
+        host, sep, rest = v[1:].partition("]")
+        if not sep:
+            raise ValueError("missing ']' after IPv6 address")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port_s = v.rpartition(":")
+        if not sep:
+            host, port_s = v, ""
+    if not port_s:
+        if default_port is None:
+            raise ValueError("missing port")
+        return host, default_port
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"bad port {port_s!r}")
+    return host or "0.0.0.0", int(port_s)
+
+
+def _listen(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+def _networks(values: list[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
+
+def _domains(values: list[str]) -> frozenset[str]:
+    out = set()
+    for v in values:
+        if not v or "@" in v or " " in v.strip():
+            raise ValueError(f"{v!r} is not a domain")
+        out.add(normalize_domain(v.lstrip(".")))
+    return frozenset(out)
+
+
+def _positive(v: int | float) -> int | float:
+    if v <= 0:
+        raise ValueError(f"{v} is not positive")
+    return v
+
+
+def _non_negative(v: int) -> int:
+    if v < 0:
+        raise ValueError(f"{v} is negative")
+    return v
+
+
+def builtin_consumer_domains() -> frozenset[str]:
+    """The packaged list of personal mailbox providers (one domain a line, # comments)."""
+    text = resources.files("bccguard").joinpath("data/consumer_domains.txt").read_text("utf-8")
+    return frozenset(
+        normalize_domain(line.split("#", 1)[0].strip())
+        for line in text.splitlines()
+        if line.split("#", 1)[0].strip()
+    )
+
+
+def _consumer(value: str | list[str]) -> frozenset[str]:
+    if isinstance(value, str):
+        if value != "builtin":
+            raise ValueError(f"{value!r} is neither \"builtin\" nor a list of domains")
+        return builtin_consumer_domains()
+    names = [v for v in value if v != "builtin"]
+    base = builtin_consumer_domains() if len(names) != len(value) else frozenset()
+    return base | _domains(names)
+
+
+UPSTREAM_SCHEMES = ("smtp", "smtp+starttls", "smtps", "maildir")
+
+
+def _upstream_url(value: str) -> str:
+    scheme, _, rest = value.partition(":")
+    if scheme not in UPSTREAM_SCHEMES:
+        raise ValueError(f"scheme {scheme!r} is not one of {', '.join(UPSTREAM_SCHEMES)}")
+    if scheme == "maildir":
+        if not rest.strip("/"):
+            raise ValueError("maildir: needs a directory, as in maildir:var/outbox")
+        return value
+    parts = urlsplit(value)
+    if not parts.hostname:
+        raise ValueError("missing host")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port ({exc})") from None
+    return value
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Inbound STARTTLS. Empty cert/key: STARTTLS is not offered."""
+
+    cert: str = ""
+    key: str = ""
+    require_tls: bool = False
+    min_version: str = field(
+        default="TLSv1.2",
+        metadata=_check(
+            lambda v: v if v in ("TLSv1.2", "TLSv1.3") else _raise(f"{v!r} is not TLSv1.2/TLSv1.3"),
+            'use "TLSv1.2" or "TLSv1.3"',
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = field(
+        default="127.0.0.1:10025",
+        metadata=_check(_listen, 'use "host:port", e.g. "127.0.0.1:10025" or "[::1]:10025"'),
+    )
+    hostname: str = field(default_factory=socket.gethostname)
+    allowed_networks: tuple[IPNetwork, ...] = field(
+        default=_networks(["127.0.0.0/8", "::1/128"]),
+        metadata=_check(_networks, 'list CIDR networks, e.g. ["127.0.0.0/8", "10.0.0.0/8"]'),
+    )
+    max_message_size: int = field(
+        default=25 * 1024 * 1024, metadata=_check(_positive, "a size in bytes, e.g. 26214400")
+    )
+    max_recipients: int = field(default=1000, metadata=_check(_positive, "e.g. 1000"))
+    max_header_size: int = field(
+        default=1024 * 1024, metadata=_check(_positive, "a size in bytes, e.g. 1048576")
+    )
+    max_sessions: int = field(default=500, metadata=_check(_positive, "e.g. 500"))
+    max_sessions_per_ip: int = field(default=50, metadata=_check(_positive, "e.g. 50"))
+    command_timeout: float = field(default=300.0, metadata=_check(_positive, "seconds, e.g. 300"))
+    data_timeout: float = field(default=600.0, metadata=_check(_positive, "seconds, e.g. 600"))
+    max_bad_commands: int = field(default=20, metadata=_check(_positive, "e.g. 20"))
+    shutdown_timeout: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
+    proxy_protocol: bool = False
+    workers: int = field(default=1, metadata=_check(_positive, "a process count, e.g. 2"))
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = field(
+        default="maildir:var/outbox",
+        metadata=_check(
+            _upstream_url, 'use "smtp://host:port", "smtp+starttls://…", "smtps://…" or "maildir:DIR"'
+        ),
+    )
+    timeout: float = field(default=60.0, metadata=_check(_positive, "seconds, e.g. 60"))
+    helo_name: str = ""
+    verify_tls: bool = True
+    ca_file: str = ""
+    pool_size: int = field(default=20, metadata=_check(_non_negative, "0 disables pooling"))
+    pool_idle: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
+
+
+@dataclass(frozen=True)
+class QuarantineConfig:
+    path: str = "var/quarantine"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Empty listen: no HTTP endpoint (metrics still counted in-process)."""
+
+    listen: str = field(
+        default="127.0.0.1:9465",
+        metadata=_check(lambda v: _listen(v) if v else v, 'use "host:port" or "" to disable'),
+    )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = field(
+        default="info",
+        metadata=_check(
+            lambda v: v.lower()
+            if v.lower() in ("debug", "info", "warning", "error")
+            else _raise(f"{v!r} is not a level"),
+            'one of "debug", "info", "warning", "error"',
+        ),
+    )
+    format: str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: v if v in ("auto", "json", "console") else _raise(f"{v!r} is not a format"),
+            '"auto" (console on a terminal, else JSON), "json" or "console"',
+        ),
+    )
+    log_addresses: bool = False
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The [policy] keys a rule may override; a rule holds a full merged copy."""
+
+    internal_domains: frozenset[str] = field(
+        default=frozenset(), metadata=_check(_domains, 'list domains, e.g. ["corp.example"]')
+    )
+    partner_domains: frozenset[str] = field(
+        default=frozenset(), metadata=_check(_domains, 'list domains, e.g. ["agency.example"]')
+    )
+    consumer_domains: frozenset[str] = field(
+        default_factory=builtin_consumer_domains,
+        metadata=_check(_consumer, '"builtin" or a list of domains (may include "builtin")'),
+    )
+    max_visible_external: int = field(default=10, metadata=_check(_non_negative, "e.g. 10"))
+    max_visible_consumer: int = field(default=1, metadata=_check(_non_negative, "e.g. 1"))
+    action: Action = Action.REWRITE
+    rewrite_to: RewriteTo = RewriteTo.SENDER
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`[[policy.rules]]`: first whose senders glob matches wins."""
+
+    name: str
+    senders: tuple[str, ...]
+    settings: PolicySettings
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    defaults: PolicySettings = field(default_factory=PolicySettings)
+    rules: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = "embedded defaults"
+
+
+def _raise(msg: str) -> Any:
+    raise ValueError(msg)
+
+
+# ---------------------------------------------------------------- the walker
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+
+
+def _coerce_scalar(value: Any, tp: Any) -> Any:
+    """Check a TOML value against a plain annotation; raise ValueError naming the expectation."""
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        choices = [m.value for m in tp]
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {_describe(value)}")
+        return tp(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_describe(value)}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ValueError(f"expected {_TYPE_WORDS[tp]}, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r}")  # a bug in this module, not the user's
+
+
+def _raw_type_ok(value: Any, tp: Any) -> bool:
+    """Coarse TOML shape check for fields that carry their own converter."""
+    origin = typing.get_origin(tp)
+    if origin in (tuple, frozenset, list):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return True
+
+
+def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}{key}"
+        f = fields.get(key)
+        if f is None:
+            problems.append(f"{where}: unknown key ({_suggest(key, fields)})")
+            continue
+        tp = hints[key]
+        check = f.metadata.get("check")
+        fix = f.metadata.get("fix", "")
+        hint = f" (fix: {fix})" if fix else ""
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                problems.append(f"{where}: expected a [{where}] table, got {_describe(value)}")
+                continue
+            kwargs[key] = _build(tp, value, f"{where}.", problems)  # type: ignore[arg-type]
+            continue
+        try:
+            if check is not None:
+                if not _raw_type_ok(value, tp):
+                    raise ValueError(f"expected a list of strings, got {_describe(value)}")
+                base = typing.get_origin(tp) is None and tp in (int, float, str, bool)
+                kwargs[key] = check(_coerce_scalar(value, tp) if base else value)
+            else:
+                kwargs[key] = _coerce_scalar(value, tp)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{where}: {exc}{hint}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a missing required key
+        problems.append(f"{path.rstrip('.') or 'config'}: {exc}")
+        return None
+
+
+_RULE_KEYS = {"name", "senders"}
+
+
+def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
+    data = dict(data)
+    raw_rules = data.pop("rules", [])
+    defaults = _build(PolicySettings, data, "policy.", problems) or PolicySettings()
+    if not isinstance(raw_rules, list):
+        problems.append("policy.rules: expected [[policy.rules]] tables")
+        return PolicyConfig(defaults=defaults)
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    setting_names = {f.name for f in dataclasses.fields(PolicySettings)}
+    for i, raw in enumerate(raw_rules):
+        where = f"policy.rules[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: expected a table")
+            continue
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            problems.append(f'{where}.name: missing (fix: name = "marketing")')
+            name = f"rule{i}"
+        elif name in seen:
+            problems.append(f"{where}.name: {name!r} is used twice (fix: give each rule its own name)")
+        seen.add(name)
+        senders = raw.get("senders")
+        if not isinstance(senders, list) or not senders or not all(
+            isinstance(s, str) and s for s in senders
+        ):
+            problems.append(
+                f'{where}.senders: expected a non-empty list of patterns '
+                f'(fix: senders = ["*@marketing.corp.example"])'
+            )
+            senders = []
+        overrides = {k: v for k, v in raw.items() if k not in _RULE_KEYS}
+        for k in list(overrides):
+            if k not in setting_names:
+                problems.append(
+                    f"{where}.{k}: unknown key ({_suggest(k, setting_names | _RULE_KEYS)})"
+                )
+                del overrides[k]
+        sub = _build(PolicySettings, overrides, f"{where}.", problems)
+        if sub is None:
+            continue
+        merged = dataclasses.replace(
+            defaults, **{k: getattr(sub, k) for k in overrides}
+        )
+        rules.append(Rule(name=name, senders=tuple(s.lower() for s in senders), settings=merged))
+    return PolicyConfig(defaults=defaults, rules=tuple(rules))
+
+
+def from_dict(data: dict[str, Any], *, source: str = "embedded defaults") -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    data = dict(data)
+    policy_raw = data.pop("policy", {})
+    cfg = _build(Config, data, "", problems)
+    if not isinstance(policy_raw, dict):
+        problems.append("policy: expected a [policy] table")
+        policy_raw = {}
+    policy = _build_policy(policy_raw, problems)
+    if problems or cfg is None:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    cfg = dataclasses.replace(cfg, policy=policy, source=source)
+    _cross_checks(cfg, source)
+    return typing.cast(Config, cfg)
+
+
+def _cross_checks(cfg: Config, source: str) -> None:
+    problems = []
+    tls = cfg.server.tls
+    if bool(tls.cert) != bool(tls.key):
+        problems.append(
+            "server.tls: cert and key go together (fix: set both paths, or neither)"
+        )
+    if tls.require_tls and not tls.cert:
+        problems.append("server.tls.require_tls: needs server.tls.cert and key")
+    for label, p in (("server.tls.cert", tls.cert), ("server.tls.key", tls.key)):
+        if p and not Path(p).is_file():
+            problems.append(f"{label}: {p} does not exist (fix: point it at a PEM file)")
+    if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
+        problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+
+
+def load(path: str | Path | None) -> Config:
+    """Load a config file, or the embedded defaults when `path` is None."""
+    if path is None:
+        return from_dict({})
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such file (fix: pass --config with an existing file)"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read ({exc.strerror})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{p}: not UTF-8 text"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: TOML syntax error: {exc}"]) from None
+    return from_dict(data, source=str(p))
+
+
+def upstream_parts(url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path) with the scheme's default port filled in."""
+    scheme, _, rest = url.partition(":")
+    if scheme == "maildir":
+        return scheme, "", 0, rest
+    parts = urlsplit(url)
+    default = 465 if scheme == "smtps" else 25
+    return scheme, parts.hostname or "", parts.port or default, ""
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "LoggingConfig",
+    "MetricsConfig",
+    "PolicyConfig",
+    "PolicySettings",
+    "QuarantineConfig",
+    "Rule",
+    "ServerConfig",
+    "TLSConfig",
+    "UpstreamConfig",
+    "from_dict",
+    "load",
+    "parse_hostport",
+    "upstream_parts",
+]
