@@ -104,6 +104,10 @@ def builtin_consumer_domains() -> frozenset[str]:
 
 
 def _consumer(value: str | list[str]) -> frozenset[str]:
+    if not isinstance(value, str | list) or (
+        isinstance(value, list) and not all(isinstance(v, str) for v in value)
+    ):
+        raise ValueError(f"expected \"builtin\" or a list of domains, got {_describe(value)}")
     if isinstance(value, str):
         if value != "builtin":
             raise ValueError(f"{value!r} is neither \"builtin\" nor a list of domains")
@@ -287,7 +291,7 @@ class PolicySettings:
     )
     consumer_domains: frozenset[str] = field(
         default_factory=builtin_consumer_domains,
-        metadata=_check(_consumer, '"builtin" or a list of domains (may include "builtin")'),
+        metadata={**_check(_consumer, '"builtin" or a list of domains (may include "builtin")'), "raw": True},
     )
     max_visible_external: int = field(default=10, metadata=_check(_non_negative, "e.g. 10"))
     max_visible_consumer: int = field(default=1, metadata=_check(_non_negative, "e.g. 1"))
@@ -400,7 +404,7 @@ def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str])
             continue
         try:
             if check is not None:
-                if not _raw_type_ok(value, tp):
+                if not f.metadata.get("raw", False) and not _raw_type_ok(value, tp):
                     raise ValueError(f"expected a list of strings, got {_describe(value)}")
                 base = typing.get_origin(tp) is None and tp in (int, float, str, bool)
                 base = base and not f.metadata.get("raw", False)
