@@ -234,7 +234,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
                 rest = bytes(buf[idx + len(TERMINATOR) :])
                 if rest:
                     _unread(reader, rest)
-                if overflow:
+                if overflow or idx > limit:
                     return b"", "552 5.3.4 Message size exceeds fixed maximum message size"
                 del buf[idx + 2 :]  # keep the CRLF that ends the last line
                 # Dot-unstuffing (RFC 5321 4.5.2) over the whole buffer at C speed.
@@ -252,16 +252,39 @@ def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
     buffer[:0] = data
 
 
-def check_content(content: bytes) -> str | None:
-    """Refuse bare CR and bare LF anywhere in the message: SMTP smuggling material.
+MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: 998 characters + CRLF
 
-    Counting is three C-speed passes; a regex would be ten times slower on
-    a large message.
+
+def check_content(content: bytes) -> str | None:
+    """Refuse bare CR/LF (SMTP smuggling material) and over-long lines.
+
+    Counting is three C-speed passes, and the line scan is a bounded
+    `find` per line: a regex for either costs 100x more on 100 KB.
     """
     crlf = content.count(b"\r\n")
     if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
         return "550 5.6.0 Message contains a bare CR or LF; use CRLF line endings (SMTP smuggling protection)"
+    # Header lines are exempt: a survey script's one-line To of 300 addresses
+    # is exactly the mail bccguard exists to fix (the rewrite folds it), and
+    # the header block is bounded by max_header_size instead.
+    end = content.find(b"\r\n\r\n")
+    if end >= 0 and has_long_line(content, start=end + 4):
+        return (
+            "554 5.6.0 Message has a line longer than 998 characters (RFC 5322 2.1.1); "
+            "encode long lines, e.g. quoted-printable"
+        )
     return None
+
+
+def has_long_line(content: bytes, limit: int = MAX_LINE, *, start: int = 0) -> bool:
+    find = content.find
+    pos, n = start, len(content)
+    while pos < n:
+        j = find(b"\n", pos, pos + limit)
+        if j < 0:
+            return n - pos > limit - 2  # no LF within reach: a line of 999+ characters
+        pos = j + 1
+    return False
 
 
 class RelayHandler:
