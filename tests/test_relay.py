@@ -258,3 +258,19 @@ def _no_size_send(port: int, data: bytes) -> tuple[int, bytes]:
         c.mail("a@corp.example")
         c.rcpt("b@corp.example")
         return c.data(data)
+
+
+async def test_proxy_protocol_client_address_decides_relaying(start_relay: StartRelay, sink: Sink) -> None:
+    """Behind HAProxy the TCP peer is the proxy; the PROXY header's source is the client."""
+    app = await start_relay(
+        f"smtp://127.0.0.1:{sink.port}",
+        {"server": {"proxy_protocol": True, "allowed_networks": ["192.0.2.0/24"]}},
+    )
+    for src, expected in (("192.0.2.10", b"250"), ("198.51.100.7", b"554")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+        writer.write(f"PROXY TCP4 {src} 127.0.0.1 40000 25\r\n".encode())
+        assert (await reader.readline()).startswith(b"220")
+        await _talk(reader, writer, b"EHLO lb.test\r\n")
+        await _talk(reader, writer, b"MAIL FROM:<a@corp.example>\r\n")
+        assert (await _talk(reader, writer, b"RCPT TO:<b@corp.example>\r\n"))[0].startswith(expected)
+        writer.close()

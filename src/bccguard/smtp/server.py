@@ -94,6 +94,9 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
             hostname=server.hostname,
             ident="bccguard ESMTP",
             timeout=server.command_timeout,
+            # aiosmtpd parses PROXY v1/v2 itself; the handler's handle_PROXY accepts it,
+            # and Runtime.client_ip() then uses the real client address everywhere.
+            proxy_protocol_timeout=10.0 if server.proxy_protocol else None,
             **kwargs,
         )
         self._runtime_ref = runtime_ref
@@ -299,6 +302,10 @@ class RelayHandler:
         session.host_name = hostname
         # aiosmtpd answers pipelined commands in order but does not say so.
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_PROXY(self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
+        """Trust the header: only a configured load balancer can reach a proxy_protocol listener."""
+        return bool(getattr(proxy_data, "valid", False) or getattr(proxy_data, "src_addr", None))
 
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list[str]
