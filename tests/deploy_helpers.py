@@ -104,8 +104,11 @@ def _is_aot(v: Any) -> bool:
 class RelayProcess:
     """`python -m bccguard.cli serve --config FILE`, JSON logs captured to a file."""
 
-    def __init__(self, config_path: Path, log_path: Path, *, name: str = "relay") -> None:
+    def __init__(
+        self, config_path: Path, log_path: Path, *, name: str = "relay", env: dict[str, str] | None = None
+    ) -> None:
         self.config_path = config_path
+        self.extra_env = env or {}
         self.log_path = log_path
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
@@ -115,6 +118,7 @@ class RelayProcess:
     def start(self) -> RelayProcess:
         env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         env.pop("NOTIFY_SOCKET", None)
+        env.update(self.extra_env)
         self._starts_before = len(self.events("started"))
         self._log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -163,6 +167,11 @@ class RelayProcess:
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait for the process to end by itself (after a signal the test sent)."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; SIGKILL past the timeout. Returns the exit code."""
