@@ -18,6 +18,9 @@ Proven here:
   bccguard is back and the queue is flushed it is delivered: nothing lost;
 - a message bccguard rejects is bounced by Postfix to its sender, and the
   bounce carries bccguard's 5.7.1 reason.
+And for deploy/postfix/master.cf.before-queue (smtpd_proxy_filter): the survey
+is rewritten the same way, and a rejected message is refused to the client
+in the SMTP session itself (550 5.7.1), with nothing queued and no bounce.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncio
 import json
 import os
 import pwd
+import re
 import shutil
 import smtplib
 import subprocess
@@ -76,7 +80,17 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 class PostfixInstance:
     """A private Postfix: `postfix -c DIR start`, its own queue, loopback only."""
 
-    def __init__(self, root: Path, *, smtpd_port: int, reinject_port: int, relay_port: int, sink_port: int):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        smtpd_port: int,
+        reinject_port: int,
+        relay_port: int,
+        sink_port: int,
+        placement: str = "after-queue",
+    ):
+        self.placement = placement
         self.root = root
         self.conf = root / "etc"
         self.queue = root / "queue"
@@ -93,9 +107,11 @@ class PostfixInstance:
     def _snippet(self, name: str) -> str:
         """A deploy/postfix file as shipped, with this test's loopback ports."""
         text = (DEPLOY / name).read_text()
-        return text.replace("127.0.0.1]:10025", f"127.0.0.1]:{self.relay_port}").replace(
-            "127.0.0.1:10026", f"127.0.0.1:{self.reinject_port}"
-        )
+        text = text.replace("127.0.0.1]:10025", f"127.0.0.1]:{self.relay_port}")  # content_filter
+        text = text.replace("=127.0.0.1:10025", f"=127.0.0.1:{self.relay_port}")  # smtpd_proxy_filter
+        text = text.replace("127.0.0.1:10026", f"127.0.0.1:{self.reinject_port}")
+        # The before-queue snippet replaces the public `smtp inet` service: ours is on a test port.
+        return re.sub(r"^smtp(\s+inet)", rf"127.0.0.1:{self.smtpd_port}\1", text, flags=re.MULTILINE)
 
     def write(self) -> None:
         for d in (self.conf, self.queue, self.data):
@@ -132,14 +148,23 @@ smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 queue_run_delay = 2s
 minimal_backoff_time = 2s
 maximal_backoff_time = 10s
-# bccguard after-queue placement, from deploy/postfix/main.cf.after-queue:
-{self._snippet("main.cf.after-queue")}
+{self._main_snippet()}
 """
         (self.conf / "main.cf").write_text(main)
-        master = MASTER_CORE.format(smtpd_listen=f"127.0.0.1:{self.smtpd_port}")
-        master += "\n# bccguard, from deploy/postfix/master.cf.after-queue:\n"
-        master += self._snippet("master.cf.after-queue")
+        if self.placement == "after-queue":
+            master = MASTER_CORE.format(smtpd_listen=f"127.0.0.1:{self.smtpd_port}")
+        else:  # the snippet brings the public smtpd itself
+            master = MASTER_CORE.split("\n", 1)[1]
+        master += f"\n# bccguard, from deploy/postfix/master.cf.{self.placement}:\n"
+        master += self._snippet(f"master.cf.{self.placement}")
         (self.conf / "master.cf").write_text(master)
+
+    def _main_snippet(self) -> str:
+        if self.placement == "after-queue":
+            return "# bccguard, from deploy/postfix/main.cf.after-queue:\n" + self._snippet(
+                "main.cf.after-queue"
+            )
+        return "# before-queue: no main.cf change (deploy/postfix/master.cf.before-queue only)"
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(list(args), capture_output=True, text=True, timeout=DEADLINE, check=check)
@@ -235,7 +260,12 @@ def relay_settings(root: Path, relay_port: int, reinject_port: int) -> dict[str,
 
 
 @pytest.fixture
-async def stack(sink: Sink) -> AsyncIterator[tuple[PostfixInstance, RelayProcess]]:
+def placement() -> str:
+    return "after-queue"
+
+
+@pytest.fixture
+async def stack(sink: Sink, placement: str) -> AsyncIterator[tuple[PostfixInstance, RelayProcess]]:
     require_root("a private Postfix instance (postfix start)")
     require_binary("postfix")
     root = Path(tempfile.mkdtemp(prefix="bccguard-postfix-", dir="/var/tmp"))
@@ -244,7 +274,12 @@ async def stack(sink: Sink) -> AsyncIterator[tuple[PostfixInstance, RelayProcess
     cfg.write_text(to_toml(relay_settings(root, relay_port, reinject_port)))
     relay = RelayProcess(cfg, root / "bccguard.log", name="bccguard")
     pf = PostfixInstance(
-        root, smtpd_port=smtpd_port, reinject_port=reinject_port, relay_port=relay_port, sink_port=sink.port
+        root,
+        smtpd_port=smtpd_port,
+        reinject_port=reinject_port,
+        relay_port=relay_port,
+        sink_port=sink.port,
+        placement=placement,
     )
     try:
         await relay.astart()
@@ -374,3 +409,41 @@ async def test_postfix_after_queue_filter_end_to_end(
     assert [(e["rule"], e["reply_code"]) for e in reject] == [("board", 550)]
     total = time.monotonic() - t0
     print(f"postfix e2e: survey through Postfix and bccguard in {t_survey:.2f}s, whole test {total:.2f}s")
+
+
+@pytest.mark.parametrize("placement", ["before-queue"])
+async def test_postfix_before_queue_proxy_filter(
+    stack: tuple[PostfixInstance, RelayProcess], sink: Sink
+) -> None:
+    """deploy/postfix/master.cf.before-queue: the sender's client gets bccguard's refusal in the session."""
+    pf, relay = stack
+    everyone = sorted([*CUSTOMERS, "sales@corp.example"])
+    await asyncio.to_thread(
+        submit,
+        pf.smtpd_port,
+        "news@corp.example",
+        [*CUSTOMERS, "sales@corp.example"],
+        survey("b1@corp.example"),
+    )
+    for m in await wait_delivered(sink, pf, "b1@corp.example", everyone):
+        head = header_block(m.data)
+        assert b"X-BCCGuard: rewritten; hidden=300" in head
+        assert not any(c.encode() in head for c in CUSTOMERS)
+
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        await asyncio.to_thread(
+            submit,
+            pf.smtpd_port,
+            "ceo@board.corp.example",
+            CUSTOMERS,
+            survey("b2@corp.example", sender="CEO <ceo@board.corp.example>"),
+        )
+    assert err.value.smtp_code == 550
+    assert b"5.7.1" in err.value.smtp_error and b"bccguard rule board" in err.value.smtp_error
+    assert b"customer addresses are visible in To/Cc" in err.value.smtp_error
+    await asyncio.sleep(1.0)  # nothing queued, so nothing can arrive later: give it a moment to prove it
+    assert copies_of(sink, "b2@corp.example") == []
+    assert not any(m.mail_from in ("", "<>") for m in sink.messages), (
+        "no bounce: the client was told directly"
+    )
+    assert [e["action"] for e in relay.events("message_processed")] == ["rewrite", "reject"]
