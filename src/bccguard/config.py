@@ -117,7 +117,6 @@ def _consumer(value: str | list[str]) -> frozenset[str]:
     return base | _domains(names)
 
 
-SPLIT_AVAILABLE = False
 WORKERS_AVAILABLE = False
 
 UPSTREAM_SCHEMES = ("smtp", "smtp+starttls", "smtps", "maildir")
@@ -248,6 +247,33 @@ class SpoolConfig:
     )
 
 
+def _mailbox(value: str) -> str:
+    if value and (value.count("@") != 1 or any(c in value for c in " <>\r\n\t,;")):
+        raise ValueError(f"{value!r} is not a plain address")
+    return value
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Sender notices: a short plain-text note to the envelope sender after a change.
+
+    Off by default: an admin turns them on once the policy is tuned, so
+    senders are taught the Bcc habit rather than flooded during an audit.
+    `rate_limit` counts notices per sender per hour in each relay process
+    (kept in memory: a restart forgets it, so a sender may get a few more).
+    Empty `from` means `postmaster@<server.hostname>`.
+    """
+
+    enabled: bool = False
+    rate_limit: int = field(
+        default=10, metadata=_check(_non_negative, "notices per sender per hour, e.g. 10")
+    )
+    from_: str = field(
+        default="",
+        metadata={**_check(_mailbox, 'an address, e.g. "postmaster@corp.example"'), "key": "from"},
+    )
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     """Empty listen: no HTTP endpoint (metrics still counted in-process)."""
@@ -297,6 +323,9 @@ class PolicySettings:
     max_visible_consumer: int = field(default=1, metadata=_check(_non_negative, "e.g. 1"))
     action: Action = Action.REWRITE
     rewrite_to: RewriteTo = RewriteTo.SENDER
+    # Reply-all storm guard: rewritten/split copies get `Reply-To: <From>` when they have none,
+    # so a customer's "reply all" goes to the sender, not to every colleague left in Cc.
+    reply_to_sender: bool = False
 
 
 @dataclass(frozen=True)
@@ -320,6 +349,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -384,7 +414,12 @@ def _raw_type_ok(value: Any, tp: Any) -> bool:
 
 def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "source"}
+    # A field whose public key is a Python keyword (`from`) names it in metadata["key"].
+    fields = {
+        f.metadata.get("key", f.name): f
+        for f in dataclasses.fields(cls)
+        if f.init and f.name != "source"
+    }
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{path}{key}"
@@ -392,6 +427,7 @@ def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str])
         if f is None:
             problems.append(f"{where}: unknown key ({_suggest(key, fields)})")
             continue
+        key = f.name  # noqa: PLW2901 - from here on, the Python name
         tp = hints[key]
         check = f.metadata.get("check")
         fix = f.metadata.get("fix", "")
@@ -500,11 +536,6 @@ def _cross_checks(cfg: Config, source: str) -> None:
     for label, p in (("server.tls.cert", tls.cert), ("server.tls.key", tls.key)):
         if p and not Path(p).is_file():
             problems.append(f"{label}: {p} does not exist (fix: point it at a PEM file)")
-    for where, settings in [("policy", cfg.policy.defaults)] + [
-        (f"policy.rules[{r.name}]", r.settings) for r in cfg.policy.rules
-    ]:
-        if settings.action is Action.SPLIT and not SPLIT_AVAILABLE:
-            problems.append(f"{where}.action: split is not available in this version (fix: use rewrite)")
     if cfg.server.workers > 1 and not WORKERS_AVAILABLE:
         problems.append("server.workers: several workers are not available in this version (fix: 1)")
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
@@ -548,6 +579,7 @@ __all__ = [
     "ConfigError",
     "LoggingConfig",
     "MetricsConfig",
+    "NotifyConfig",
     "PolicyConfig",
     "PolicySettings",
     "QuarantineConfig",
