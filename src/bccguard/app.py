@@ -18,6 +18,7 @@ from typing import Any
 
 from bccguard import __version__
 from bccguard.config import Config, ConfigError, load, parse_hostport
+from bccguard.notify import Notifier
 from bccguard.ops.logs import get_logger
 from bccguard.ops.metrics import Metrics
 from bccguard.relay import Runtime
@@ -40,6 +41,7 @@ class App:
         self.config_path = config_path
         self.log = get_logger("bccguard")
         self.metrics = metrics or Metrics(rules=rule_names(config), version=__version__)
+        self.notifier = Notifier()  # one per process: the rate limit survives reloads
         self.runtime = self._build_runtime(config)
         self.gate = SessionGate()
         self.sessions: set[RelaySMTP] = set()
@@ -49,6 +51,7 @@ class App:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
         self._last_upstream_ok = 0.0
+        self._audit_offset = 0
         self.port = 0
 
     def _build_runtime(self, config: Config) -> Runtime:
@@ -58,8 +61,13 @@ class App:
         spool.open()
         upstream = open_upstream(config.upstream, hostname=config.server.hostname)
         return Runtime(
-            config=config, upstream=upstream, quarantine=q, spool=spool, metrics=self.metrics, log=self.log
-        )
+            config=config, upstream=upstream, quarantine=q, spool=spool, metrics=self.metrics, log=self.log,
+            notifier=self.notifier, wake=self._wake_spool,
+        )  # fmt: skip
+
+    def _wake_spool(self) -> None:
+        """A method, not `self.retrier.wake`: the first runtime is built before the retrier."""
+        self.retrier.wake()
 
     # ------------------------------------------------------------ start/stop
     async def start(self) -> None:
@@ -86,7 +94,9 @@ class App:
             self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
             self.ops.start()
         self.metrics.quarantine_set(*self.runtime.quarantine.depth())
+        self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
         self._tasks.append(asyncio.create_task(self.retrier.run(), name="spool"))
+        self._tasks.append(asyncio.create_task(self._watch_stores(), name="store-metrics"))
         self._tasks.append(asyncio.create_task(self._watch_upstream(), name="upstream-probe"))
         self.log.info(
             "started",
@@ -118,6 +128,28 @@ class App:
                 self.log.warning("upstream_probe_failed", error=type(exc).__name__, kind=getattr(exc, "kind", ""))
             await asyncio.sleep(15.0)
 
+    async def _watch_stores(self) -> None:
+        """Keep the quarantine gauges and release counter true while the admin CLI works.
+
+        Releases and deletes happen in `bccguard quarantine`, a separate
+        short-lived process whose counters nobody scrapes; the relay reads
+        their outcome back from the audit log instead.
+        """
+        while True:
+            try:
+                await asyncio.to_thread(self.refresh_store_metrics)
+            except Exception as exc:  # a metrics refresh must never take the relay down
+                self.log.warning("store_metrics_failed", error=type(exc).__name__)
+            await asyncio.sleep(15.0)
+
+    def refresh_store_metrics(self) -> None:
+        q = self.runtime.quarantine
+        self.metrics.quarantine_set(*q.depth())
+        records, self._audit_offset = q.audit_records(self._audit_offset)
+        for rec in records:
+            if rec.get("what") == "release" and rec.get("result") in ("released", "partial", "failed"):
+                self.metrics.quarantine_release(str(rec["result"]))
+
     async def stop(self, timeout: float | None = None) -> None:
         timeout = self.runtime.config.server.shutdown_timeout if timeout is None else timeout
         notify("STOPPING=1")
@@ -135,6 +167,7 @@ class App:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        self.retrier.release()
         if self.ops is not None:
             self.ops.stop()
         await self.runtime.upstream.close()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bccguard.config import Config
+from bccguard.notify import Notifier
 from bccguard.ops.logs import domain_of
 from bccguard.ops.metrics import Metrics
 from bccguard.policy.dsn import Failure, build_dsn
@@ -71,6 +72,8 @@ class Runtime:
     spool: Spool
     metrics: Metrics
     log: Any
+    notifier: Notifier = field(default_factory=Notifier)  # the app passes one across reloads
+    wake: Callable[[], None] = lambda: None  # tell the spool runner new work is due now
     relay: Relay = field(init=False)
     _ids: itertools.count[int] = field(default_factory=itertools.count, init=False)
 
@@ -144,8 +147,12 @@ class Relay:
                 )
                 if v.would is not None:
                     log_fields["would"] = v.would.value
-                reply, upstream_fields = await self._act(outcome, env, session_id)
+                reply, upstream_fields = await self._act(outcome, env, content, session_id)
                 log_fields.update(upstream_fields)
+                try:
+                    await rt.notifier.after(rt, outcome, env, reply, session_id)
+                except Exception as exc:  # the reply is owed as it is; a notice never changes it
+                    rt.log.error("notice_failed", session_id=session_id, exc_info=exc)
                 if reply[0] == "4":
                     action = "tempfail"
         except Exception as exc:  # the promise: never a crash, never a 250 by accident
@@ -183,7 +190,9 @@ class Relay:
             return "552 5.3.4 Message header block too large"
         return None
 
-    async def _act(self, outcome: Outcome, env: Envelope, session_id: str) -> tuple[str, dict[str, Any]]:
+    async def _act(
+        self, outcome: Outcome, env: Envelope, content: bytes, session_id: str
+    ) -> tuple[str, dict[str, Any]]:
         v = outcome.verdict
         rt = self.rt
         if v.action is Action.REJECT:
@@ -202,8 +211,34 @@ class Relay:
                 {"quarantine_id": entry_id},
             )
         if v.action is Action.SPLIT:
-            raise NotImplementedError("split is refused by config validation until it lands")
+            return await self._split(outcome, env, content, session_id)
         return await self.forward(outcome.message, env, session_id)
+
+    async def _split(
+        self, outcome: Outcome, env: Envelope, content: bytes, session_id: str
+    ) -> tuple[str, dict[str, Any]]:
+        """Spool first: every copy is on disk before the client hears 250.
+
+        Several upstream transactions cannot be one atomic answer, so the
+        client's 250 means "bccguard holds every copy"; the spool runner
+        then delivers them in order and reports failures by DSN.
+        """
+        rt = self.rt
+        plan = outcome.split
+        if plan is None:  # evaluate() always plans a split; a bug, not the client's fault
+            raise RuntimeError("split verdict without a split plan")
+        try:
+            entry_id = await asyncio.to_thread(
+                rt.spool.put_split, content, env.mail_from, plan.copies, plan.render_json(),
+                smtputf8=env.smtputf8, origin=session_id,
+            )  # fmt: skip
+        except OSError as exc:
+            rt.log.error("spool_write_failed", session_id=session_id, error=exc.strerror)
+            return DISK_ERROR, {}
+        n = len(plan.copies)
+        rt.metrics.split_copy("created", n)
+        rt.wake()
+        return f"250 2.0.0 Ok: split into {n} copies", {"spool_id": entry_id, "copies": n}
 
     async def forward(self, message: bytes, env: Envelope, session_id: str) -> tuple[str, dict[str, Any]]:
         """Deliver `message` to every envelope recipient; the reply tells only the truth."""
