@@ -4,6 +4,10 @@ User mistakes (a bad config, a missing file, a port in use) print one line
 that names the problem and the fix, never a traceback. Exit codes: 0 ok,
 1 "the message would be changed/held/refused" (check) or a runtime failure,
 2 bad input, 78 bad configuration (EX_CONFIG, what systemd and sysexits know).
+
+`bccguard quarantine ...` (review.py): 0 done; 1 the store or the upstream
+failed (a release that did not reach every recipient keeps the entry);
+2 a bad id, an unknown entry or a bad argument.
 """
 
 from __future__ import annotations
@@ -63,7 +67,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--show", action="store_true", help="print the header block as it would leave")
+    _quarantine_parser(sub)
     return parser
+
+
+def _quarantine_parser(sub: Any) -> None:
+    q = sub.add_parser(
+        "quarantine",
+        help="review held messages: list, show, release, delete, purge",
+        description="Exit 0: done; 1: store or upstream failure (entry kept); 2: bad id or argument. "
+        "Release, delete and purge are recorded in <quarantine path>/audit.log.",
+    )
+    q_sub = q.add_subparsers(dest="quarantine_command", metavar="SUBCOMMAND")
+    p = q_sub.add_parser("list", help="list held messages (sender, counts, subject)")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+    _config_arg(p)
+    p = q_sub.add_parser("show", help="summary and header block of one message")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--raw", action="store_true", help="print the message bytes as held")
+    _config_arg(p)
+    p = q_sub.add_parser("release", help="deliver through the configured upstream, then remove")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--rewrite", action="store_true", help="hide external addresses first (policy in force)")
+    _config_arg(p)
+    p = q_sub.add_parser("delete", help="remove a held message without delivering it")
+    p.add_argument("id", metavar="ID")
+    _config_arg(p)
+    p = q_sub.add_parser("purge", help="remove messages held longer than a duration")
+    p.add_argument("--older-than", required=True, metavar="AGE", help='e.g. "30d", "12h"')
+    _config_arg(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_config_check(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "quarantine" and args.quarantine_command:
+            return cmd_quarantine(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"bccguard: config error: {problem}", file=sys.stderr)
@@ -84,6 +118,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     parser.print_help(sys.stderr)
     return EX_USAGE
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from bccguard import review  # noqa: PLC0415 - serve and check need none of it
+
+    cfg = load(args.config)
+    try:
+        match args.quarantine_command:
+            case "list":
+                return review.cmd_list(cfg, as_json=args.json)
+            case "show":
+                return review.cmd_show(cfg, args.id, raw=args.raw)
+            case "release":
+                return review.cmd_release(cfg, args.id, rewrite=args.rewrite)
+            case "delete":
+                return review.cmd_delete(cfg, args.id)
+            case _:
+                return review.cmd_purge(cfg, args.older_than)
+    except review.ReviewError as exc:
+        print(f"bccguard: {exc}", file=sys.stderr)
+        return exc.code
+    except OSError as exc:
+        print(
+            f"bccguard: {exc.strerror or exc} on {exc.filename or cfg.quarantine.path} "
+            "(fix: run as the relay's user, or check quarantine.path)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ def is_automatic(block: HeaderBlock, mail_from: str) -> bool:
     return ctype.startswith("multipart/report")
 
 
-def _subject(block: HeaderBlock) -> str:
+def display_subject(block: HeaderBlock) -> str:
     """The original subject, decoded for display; never trusted to be well-formed."""
     raw = _value(block, "subject")
     try:
@@ -95,7 +95,7 @@ def build_notice(
 ) -> bytes:
     """A short text/plain message for `sender` about one processed message."""
     _, what = _WHAT[action]
-    subject = _subject(block)
+    subject = display_subject(block)
     msgid = _value(block, "message-id")
     lines = [
         f'Your message "{subject}" exposed customer addresses to each other.',
