@@ -33,6 +33,15 @@ TERMINATOR = b"\r\n.\r\n"
 READ_CHUNK = 256 * 1024
 
 
+class NullPath(str):
+    """The null reverse-path `<>`: equal to "", but true, for aiosmtpd's "MAIL given?" test."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return True
+
+
 class SessionGate:
     """Counts open sessions in total and per client IP; refuses past the limits."""
 
@@ -165,6 +174,8 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         fast = split_path(arg)
         if fast is not None:
+            if fast[0] == "":  # `<>`: aiosmtpd would answer 501 to a falsy address
+                return NullPath(), fast[1]
             return fast
         return super()._getaddr(arg)  # type: ignore[no-any-return]
 
@@ -315,7 +326,9 @@ class RelayHandler:
             problem = path_problem(address, smtputf8=smtputf8)
             if problem is not None:
                 return problem
-        envelope.mail_from = address
+        # aiosmtpd 1.4.6 answers RCPT "503 need MAIL" when mail_from is falsy, so the
+        # null sender (bounces, DSNs: RFC 5321 4.5.5) is kept as a truthy "".
+        envelope.mail_from = address or NullPath()
         envelope.mail_options.extend(options)
         envelope.smtp_utf8 = smtputf8
         return "250 2.1.0 Ok"
@@ -349,7 +362,7 @@ class RelayHandler:
         started = time.perf_counter()
         task = asyncio.ensure_future(
             runtime.relay.process(
-                mail_from=envelope.mail_from or "",
+                mail_from=str(envelope.mail_from or ""),  # NullPath -> plain ""
                 rcpt_tos=tuple(envelope.rcpt_tos),
                 content=envelope.original_content,
                 smtputf8=bool(envelope.smtp_utf8),
