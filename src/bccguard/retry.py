@@ -124,7 +124,14 @@ class Retrier:
             return n
 
     async def _attempt(self, entry: SpoolEntry, *, force: bool) -> int:
-        """Try the entry's due copies in order; returns how many copies are left."""
+        """Try the entry's due copies in order; returns how many copies are left.
+
+        A copy that fails for good is first marked failed in the entry (the
+        same one write), and all of the pass's failures then go into one DSN
+        before they are dropped: a 300-copy split with 40 bad addresses
+        gives the sender one report, not 40, and a crash in between repeats
+        the report rather than losing it.
+        """
         spool = self.rt.spool
         message = await asyncio.to_thread(spool.message, entry.id)
         block = parse_header(message) if entry.render is not None else None
@@ -134,20 +141,25 @@ class Retrier:
         k = 0
         while k < len(copies):
             c = copies[k]
-            if not force and c.next_attempt > time.time():
+            if c.failed or (not force and c.next_attempt > time.time()):
                 k += 1
                 continue
-            data = render(message, entry.render, c.to, block=block)
             if down is None:
+                data = render(message, entry.render, c.to, block=block)
                 new, down = await self._deliver(entry, c, data)
                 copies[k : k + 1] = new
                 # The one write that closes this copy's duplicate window.
                 await asyncio.to_thread(spool.update, entry.id, copies)
             else:  # not tried: rescheduled with the rest, one write at the end
-                new = await self._defer(entry, c, down, data)
+                new = self._defer(entry, c, down)
                 copies[k : k + 1] = new
                 dirty = True
             k += len(new)
+        failed = [c for c in copies if c.failed]
+        if failed:
+            await self._bounce(entry, render(message, entry.render, None, block=block), failed)
+            copies = [c for c in copies if not c.failed]
+            dirty = True
         if dirty:
             await asyncio.to_thread(spool.update, entry.id, copies)
         if not copies:
@@ -164,35 +176,32 @@ class Retrier:
         except UpstreamError as exc:
             rt.metrics.upstream_failure(exc.kind)
             if exc.reply is not None and exc.reply.is_permanent:
-                line = f"{exc.reply.code} {_redact(exc.reply.text)}"
-                await self._bounce(entry, data, [Failure(r, _status(exc.reply), line) for r in c.rcpts])
-                return [], None
+                return [_failed(c, c.rcpts, exc.reply)], None
             error = f"upstream {exc.kind}" + (f" {exc.reply.code}" if exc.reply is not None else "")
-            return await self._defer(entry, c, error, data), error
+            return self._defer(entry, c, error), error
         rt.metrics.upstream_ok()
         rt.metrics.upstream_delivery(result.elapsed)
         if result.accepted and entry.kind == "split":
             rt.metrics.split_copy("delivered")
-        perm = [(r, rep) for r, rep in result.refused.items() if rep.is_permanent]
+        out: list[Copy] = []
+        perm = tuple(r for r, rep in result.refused.items() if rep.is_permanent)
         temp = tuple(r for r, rep in result.refused.items() if not rep.is_permanent)
         if perm:
-            await self._bounce(
-                entry, data, [Failure(r, _status(rep), f"{rep.code} {_redact(rep.text)}") for r, rep in perm]
-            )
+            out.append(_failed(c, perm, result.refused[perm[0]]))
         if temp:
             first = result.refused[temp[0]]
-            error = f"{first.code} {_redact(first.text)}"
-            return await self._defer(entry, replace(c, rcpts=temp), error, data), None
-        rt.log.debug("spool_copy_delivered", spool_id=entry.id, kind=entry.kind, rcpts=len(result.accepted))
-        return [], None
+            out += self._defer(entry, replace(c, rcpts=temp), f"{first.code} {_redact(first.text)}")
+        if result.accepted:
+            rt.log.debug(
+                "spool_copy_delivered", spool_id=entry.id, kind=entry.kind, rcpts=len(result.accepted)
+            )
+        return out, None
 
-    async def _defer(self, entry: SpoolEntry, c: Copy, error: str, data: bytes) -> list[Copy]:
-        """Reschedule the copy, or give up on it when the entry is past `max_age`."""
+    def _defer(self, entry: SpoolEntry, c: Copy, error: str) -> list[Copy]:
+        """Reschedule the copy, or mark it failed when the entry is past `max_age`."""
         rt = self.rt
         if rt.spool.expired(entry):
-            diagnostic = f"451 4.4.7 expired after retries: {error}"
-            await self._bounce(entry, data, [Failure(r, "4.4.7", diagnostic) for r in c.rcpts])
-            return []
+            return [replace(c, failed=f"4.4.7 451 4.4.7 expired after retries: {error}"[:300])]
         rt.metrics.spool_retry(entry.kind)
         later = rt.spool.deferred(c, error)
         rt.log.info(
@@ -200,15 +209,20 @@ class Retrier:
         )
         return [later]
 
-    async def _bounce(self, entry: SpoolEntry, data: bytes, failures: Sequence[Failure]) -> None:
-        """Give up on these recipients: a DSN to the sender (never for a DSN, notice or null sender).
+    async def _bounce(self, entry: SpoolEntry, data: bytes, failed: Sequence[Copy]) -> None:
+        """Give up on these copies: one DSN to the sender (never for a DSN, notice or null sender).
 
-        The DSN carries the headers of the copy that failed (for a split copy:
-        the one addressed to that recipient alone), never the other customers.
+        `data` is the message as the shared copy leaves (for a split: the
+        rewritten one), so the DSN's header part shows no customer the
+        sender did not already report on.
         """
         rt = self.rt
+        failures = []
+        for c in failed:
+            status, _, diagnostic = c.failed.partition(" ")
+            failures += [Failure(r, status, diagnostic) for r in c.rcpts]
         if entry.kind == "split":
-            rt.metrics.split_copy("failed")
+            rt.metrics.split_copy("failed", len(failed))
         if entry.mail_from and entry.kind not in ("dsn", "notice"):
             dsn = build_dsn(
                 data,
@@ -221,3 +235,7 @@ class Retrier:
             self.wake()
         rt.log.warning("spool_failed", spool_id=entry.id, kind=entry.kind, rcpts=len(failures))
 
+
+def _failed(c: Copy, rcpts: tuple[str, ...], reply: Reply) -> Copy:
+    """The copy for `rcpts`, marked as failed for good with the upstream's answer."""
+    return replace(c, rcpts=rcpts, failed=f"{_status(reply)} {reply.code} {_redact(reply.text)}"[:300])

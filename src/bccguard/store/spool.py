@@ -54,6 +54,9 @@ class Copy:
     attempts: int = 0
     next_attempt: float = 0.0
     last_error: str = ""
+    # Given up ("5.1.1 550 5.1.1 User unknown": status, then the diagnostic):
+    # kept until the DSN that reports it is spooled, then dropped.
+    failed: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +65,7 @@ class Copy:
             "attempts": self.attempts,
             "next_attempt": self.next_attempt,
             "last_error": self.last_error,
+            "failed": self.failed,
         }
 
     @classmethod
@@ -73,6 +77,7 @@ class Copy:
             attempts=int(d.get("attempts", 0)),
             next_attempt=float(d.get("next_attempt", 0.0)),
             last_error=str(d.get("last_error", "")),
+            failed=str(d.get("failed", "")),
         )
 
 
@@ -94,7 +99,8 @@ class SpoolEntry:
 
     @property
     def next_attempt(self) -> float:
-        return min((c.next_attempt for c in self.copies), default=0.0)
+        """When the runner should look again; now, if a failure still awaits its DSN."""
+        return min((0.0 if c.failed else c.next_attempt for c in self.copies), default=0.0)
 
     @property
     def attempts(self) -> int:
