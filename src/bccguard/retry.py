@@ -138,6 +138,7 @@ class Retrier:
         copies = list(entry.copies)
         down: str | None = None  # the upstream as a whole failed during this pass
         dirty = False
+        untried = 0
         k = 0
         while k < len(copies):
             c = copies[k]
@@ -150,11 +151,15 @@ class Retrier:
                 copies[k : k + 1] = new
                 # The one write that closes this copy's duplicate window.
                 await asyncio.to_thread(spool.update, entry.id, copies)
-            else:  # not tried: rescheduled with the rest, one write at the end
-                new = self._defer(entry, c, down)
+            else:  # not tried: rescheduled with the rest, one write and one log line at the end
+                new = self._defer(entry, c, down, quiet=True)
                 copies[k : k + 1] = new
                 dirty = True
+                untried += 1
             k += len(new)
+        if untried:
+            self.rt.log.info("spool_deferred_untried", spool_id=entry.id, kind=entry.kind, copies=untried,
+                             error=down)  # fmt: skip
         failed = [c for c in copies if c.failed]
         if failed:
             await self._bounce(entry, render(message, entry.render, None, block=block), failed)
@@ -197,16 +202,17 @@ class Retrier:
             )
         return out, None
 
-    def _defer(self, entry: SpoolEntry, c: Copy, error: str) -> list[Copy]:
+    def _defer(self, entry: SpoolEntry, c: Copy, error: str, *, quiet: bool = False) -> list[Copy]:
         """Reschedule the copy, or mark it failed when the entry is past `max_age`."""
         rt = self.rt
         if rt.spool.expired(entry):
             return [replace(c, failed=f"4.4.7 451 4.4.7 expired after retries: {error}"[:300])]
         rt.metrics.spool_retry(entry.kind)
         later = rt.spool.deferred(c, error)
-        rt.log.info(
-            "spool_deferred", spool_id=entry.id, kind=entry.kind, attempts=later.attempts, error=error
-        )
+        if not quiet:
+            rt.log.info(
+                "spool_deferred", spool_id=entry.id, kind=entry.kind, attempts=later.attempts, error=error
+            )
         return [later]
 
     async def _bounce(self, entry: SpoolEntry, data: bytes, failed: Sequence[Copy]) -> None:
