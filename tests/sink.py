@@ -136,7 +136,7 @@ class _RecordingSMTP(SMTP):  # type: ignore[misc]
         if self._original_transport is None and self._conn_index < 0:  # not the STARTTLS upgrade
             self._conn_index = len(self._sink.reads)
             self._sink.reads.append([])
-            self._sink._protocols.append(self)  # noqa: SLF001
+            self._sink._protocols.append(self)
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -195,7 +195,7 @@ class _Handler:
             mail_options=list(envelope.mail_options),
             rcpt_options=list(envelope.rcpt_options),
             peer=session.peer,
-            connection=server._conn_index,  # noqa: SLF001
+            connection=server._conn_index,
             reply=self.sink.data_reply,
         )
         if self.sink.drop_on_data:
@@ -271,10 +271,10 @@ def closed_port() -> int:
 
 def self_signed_cert(directory: Path, name: str = HOST) -> tuple[Path, Path]:
     """(cert.pem, key.pem) for `name` (an IP or DNS name), valid for a day."""
-    from cryptography import x509  # noqa: PLC0415 - only TLS tests pay for the import
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])

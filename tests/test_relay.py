@@ -9,12 +9,13 @@ import smtplib
 import stat
 
 import pytest
-from conftest import StartRelay, message, send
-from sink import Received, Sink
 
 from bccguard.app import App
 from bccguard.policy.addresses import visible_recipients
 from bccguard.policy.headers import parse_header
+from conftest import StartRelay, message, send
+from sink import Received, Sink
+
 
 def delivered(sink: Sink) -> list[Received]:
     """What the upstream accepted (the sink also records what it refused)."""
@@ -119,10 +120,17 @@ def _data_reply(port: int, mail_from: str, rcpts: list[str], data: bytes) -> tup
 async def test_client_outside_allowed_networks_is_refused_at_rcpt(
     start_relay: StartRelay, sink: Sink
 ) -> None:
-    app = await start_relay(f"smtp://127.0.0.1:{sink.port}", {"server": {"allowed_networks": ["127.0.0.1/32"]}})
+    app = await start_relay(
+        f"smtp://127.0.0.1:{sink.port}", {"server": {"allowed_networks": ["127.0.0.1/32"]}}
+    )
     with pytest.raises(smtplib.SMTPRecipientsRefused) as err:
-        await send(app.port, "x@outside.example", ["alice@corp.example"], message(["alice@corp.example"]),
-                   source="127.0.0.2")
+        await send(
+            app.port,
+            "x@outside.example",
+            ["alice@corp.example"],
+            message(["alice@corp.example"]),
+            source="127.0.0.2",
+        )
     code, text = err.value.recipients["alice@corp.example"]
     assert code == 554 and text.startswith(b"5.7.1")
     assert delivered(sink) == []
@@ -185,9 +193,7 @@ async def test_pipelined_commands_after_data_are_not_lost(relay: App, sink: Sink
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     await reader.readline()
     body = message(["b@corp.example"])
-    batch = (
-        b"EHLO c.test\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<b@corp.example>\r\nDATA\r\n"
-    )
+    batch = b"EHLO c.test\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<b@corp.example>\r\nDATA\r\n"
     writer.write(batch)
     replies = []
     while len(replies) < 4:
@@ -238,16 +244,23 @@ async def test_limits_have_defined_replies(start_relay: StartRelay, sink: Sink) 
     )
     with pytest.raises(smtplib.SMTPRecipientsRefused):
         await send(app.port, "a@corp.example", ["x\x01y@corp.example"], message(["b@corp.example"]))
-    refused = await send(app.port, "a@corp.example", [f"u{i}@corp.example" for i in range(5)],
-                         message(["u0@corp.example"]))
-    assert refused == {"u3@corp.example": (452, b"4.5.3 Too many recipients"),
-                       "u4@corp.example": (452, b"4.5.3 Too many recipients")}
+    refused = await send(
+        app.port, "a@corp.example", [f"u{i}@corp.example" for i in range(5)], message(["u0@corp.example"])
+    )
+    assert refused == {
+        "u3@corp.example": (452, b"4.5.3 Too many recipients"),
+        "u4@corp.example": (452, b"4.5.3 Too many recipients"),
+    }
     with pytest.raises(smtplib.SMTPSenderRefused) as err:  # SIZE= in MAIL FROM
-        await send(app.port, "a@corp.example", ["b@corp.example"], message(["b@corp.example"], body="x" * 5000))
+        await send(
+            app.port, "a@corp.example", ["b@corp.example"], message(["b@corp.example"], body="x" * 5000)
+        )
     assert err.value.smtp_code == 552
     reply = await asyncio.to_thread(_no_size_send, app.port, message(["b@corp.example"], body="y\r\n" * 2000))
     assert reply == (552, b"5.3.4 Message size exceeds fixed maximum message size")
-    reply = await asyncio.to_thread(_no_size_send, app.port, message(["b@corp.example"], body="z" * 999 + "\r\n"))
+    reply = await asyncio.to_thread(
+        _no_size_send, app.port, message(["b@corp.example"], body="z" * 999 + "\r\n")
+    )
     assert reply[0] == 554 and b"998" in reply[1]
     assert len(sink.messages) == 1  # only the 3-recipient message
 

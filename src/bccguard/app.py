@@ -36,7 +36,9 @@ def rule_names(config: Config) -> list[str]:
 
 
 class App:
-    def __init__(self, config: Config, *, config_path: str | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: Config, *, config_path: str | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.config_path = config_path
         self.log = get_logger("bccguard")
         self.metrics = metrics or Metrics(rules=rule_names(config), version=__version__)
@@ -115,7 +117,9 @@ class App:
                 self._last_upstream_ok = time.monotonic()
                 self.metrics.upstream_ok()
             except Exception as exc:  # any failure means "not ready"; the reason is logged
-                self.log.warning("upstream_probe_failed", error=type(exc).__name__, kind=getattr(exc, "kind", ""))
+                self.log.warning(
+                    "upstream_probe_failed", error=type(exc).__name__, kind=getattr(exc, "kind", "")
+                )
             await asyncio.sleep(15.0)
 
     async def stop(self, timeout: float | None = None) -> None:
@@ -125,7 +129,7 @@ class App:
             self.server.close()
         await asyncio.gather(*(s.shutdown() for s in list(self.sessions)), return_exceptions=True)
         deadline = time.monotonic() + timeout
-        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
+        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:  # noqa: ASYNC110 - a few flags, bounded by shutdown_timeout
             await asyncio.sleep(0.05)
         for s in list(self.sessions):
             if s.transport is not None:

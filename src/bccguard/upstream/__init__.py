@@ -124,10 +124,10 @@ def open_upstream(cfg: UpstreamConfig, *, hostname: str) -> Upstream:
     """
     scheme, host, port, path = upstream_parts(cfg.url)
     if scheme == "maildir":
-        from bccguard.upstream.maildir import MaildirUpstream  # noqa: PLC0415
+        from bccguard.upstream.maildir import MaildirUpstream
 
         return MaildirUpstream(path, hostname=hostname)
-    from bccguard.upstream.smtp import SMTPUpstream  # noqa: PLC0415
+    from bccguard.upstream.smtp import SMTPUpstream
 
     return SMTPUpstream(
         cfg,
