@@ -151,6 +151,8 @@ def test_reply_line_parsing() -> None:
             parse_reply_line(bad)
     assert Reply(550, "5.1.1 unknown\nsecond").line() == "550 5.1.1 unknown"
     assert Reply(250, "").line() == "250"
+    assert Reply(550, "5.1.1 <bob@x.test> unknown").status() == "550 5.1.1"
+    assert Reply(550, "no enhanced code").status() == "550"
 
 
 # ---------------------------------------------------------------- refusals
@@ -233,8 +235,10 @@ async def test_data_accepted_despite_no_recipient_gets_a_lone_dot(
     assert after_data == [b".\r\n"]
 
 
-@pytest.mark.parametrize(("reply", "kind"), [("550 5.7.1 sender blocked", "5xx"),
-                                             ("451 4.3.0 busy", "4xx")])
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [("550 5.7.1 <sender@corp.test> blocked", "5xx"), ("451 4.3.0 busy", "4xx")],
+)
 async def test_mail_from_refused_is_an_error(
     sink: Sink, make_upstream: MakeUpstream, reply: str, kind: str
 ) -> None:
