@@ -104,6 +104,10 @@ def builtin_consumer_domains() -> frozenset[str]:
 
 
 def _consumer(value: str | list[str]) -> frozenset[str]:
+    if not isinstance(value, str | list) or (
+        isinstance(value, list) and not all(isinstance(v, str) for v in value)
+    ):
+        raise ValueError(f"expected \"builtin\" or a list of domains, got {_describe(value)}")
     if isinstance(value, str):
         if value != "builtin":
             raise ValueError(f"{value!r} is neither \"builtin\" nor a list of domains")
@@ -112,6 +116,9 @@ def _consumer(value: str | list[str]) -> frozenset[str]:
     base = builtin_consumer_domains() if len(names) != len(value) else frozenset()
     return base | _domains(names)
 
+
+SPLIT_AVAILABLE = False
+WORKERS_AVAILABLE = False
 
 UPSTREAM_SCHEMES = ("smtp", "smtp+starttls", "smtps", "maildir")
 
@@ -200,6 +207,47 @@ class QuarantineConfig:
     path: str = "var/quarantine"
 
 
+def parse_duration(value: str | int | float) -> float:
+    """'90s', '15m', '1h', '5d' or plain seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like \"15m\"")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        v = value.strip().lower()
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+        mult = units.get(v[-1:], 0)
+        num = v[:-1] if mult else v
+        try:
+            seconds = float(num) * (mult or 1)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration like \"15m\", \"1h\" or \"5d\"") from None
+    if seconds <= 0:
+        raise ValueError(f"{value!r} is not a positive duration")
+    return seconds
+
+
+def _durations(values: list[str]) -> tuple[float, ...]:
+    if not values:
+        raise ValueError("needs at least one step")
+    return tuple(parse_duration(v) for v in values)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    """Copies answered 250 but not yet accepted upstream (partial refusals, split copies)."""
+
+    path: str = "var/spool"
+    retry_schedule: tuple[float, ...] = field(
+        default=(60.0, 300.0, 900.0, 1800.0, 3600.0),
+        metadata=_check(_durations, 'a list of durations, e.g. ["1m", "5m", "15m", "30m", "1h"]'),
+    )
+    max_age: float = field(
+        default=5 * 86400.0,
+        metadata={**_check(parse_duration, 'a duration, e.g. "5d"'), "raw": True},
+    )
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     """Empty listen: no HTTP endpoint (metrics still counted in-process)."""
@@ -243,7 +291,7 @@ class PolicySettings:
     )
     consumer_domains: frozenset[str] = field(
         default_factory=builtin_consumer_domains,
-        metadata=_check(_consumer, '"builtin" or a list of domains (may include "builtin")'),
+        metadata={**_check(_consumer, '"builtin" or a list of domains (may include "builtin")'), "raw": True},
     )
     max_visible_external: int = field(default=10, metadata=_check(_non_negative, "e.g. 10"))
     max_visible_consumer: int = field(default=1, metadata=_check(_non_negative, "e.g. 1"))
@@ -271,6 +319,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -355,9 +404,10 @@ def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str])
             continue
         try:
             if check is not None:
-                if not _raw_type_ok(value, tp):
+                if not f.metadata.get("raw", False) and not _raw_type_ok(value, tp):
                     raise ValueError(f"expected a list of strings, got {_describe(value)}")
                 base = typing.get_origin(tp) is None and tp in (int, float, str, bool)
+                base = base and not f.metadata.get("raw", False)
                 kwargs[key] = check(_coerce_scalar(value, tp) if base else value)
             else:
                 kwargs[key] = _coerce_scalar(value, tp)
@@ -450,6 +500,13 @@ def _cross_checks(cfg: Config, source: str) -> None:
     for label, p in (("server.tls.cert", tls.cert), ("server.tls.key", tls.key)):
         if p and not Path(p).is_file():
             problems.append(f"{label}: {p} does not exist (fix: point it at a PEM file)")
+    for where, settings in [("policy", cfg.policy.defaults)] + [
+        (f"policy.rules[{r.name}]", r.settings) for r in cfg.policy.rules
+    ]:
+        if settings.action is Action.SPLIT and not SPLIT_AVAILABLE:
+            problems.append(f"{where}.action: split is not available in this version (fix: use rewrite)")
+    if cfg.server.workers > 1 and not WORKERS_AVAILABLE:
+        problems.append("server.workers: several workers are not available in this version (fix: 1)")
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
     if problems:
@@ -496,6 +553,7 @@ __all__ = [
     "QuarantineConfig",
     "Rule",
     "ServerConfig",
+    "SpoolConfig",
     "TLSConfig",
     "UpstreamConfig",
     "from_dict",

@@ -26,7 +26,7 @@ class AddressClass(StrEnum):
 
 
 class Action(StrEnum):
-    PASS = "pass"
+    PASS = "pass"  # noqa: S105 - an action, not a password
     AUDIT = "audit"
     REWRITE = "rewrite"
     SPLIT = "split"

@@ -1,0 +1,190 @@
+"""Wires config, stores, upstream, metrics and the SMTP listener; owns the lifecycle.
+
+Start: stores opened, upstream client built, listener bound, ops HTTP up,
+spool retried, then READY=1. SIGTERM: stop accepting, say 421 to idle
+sessions, let DATA in flight finish within `shutdown_timeout`, then cut the
+rest (they got no 250, so they retry), exit 0. SIGHUP: load and validate the
+file again beside the running config, swap the snapshot, or keep the old one
+and log why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+from bccguard import __version__
+from bccguard.config import Config, ConfigError, load, parse_hostport
+from bccguard.ops.logs import get_logger
+from bccguard.ops.metrics import Metrics
+from bccguard.relay import Runtime
+from bccguard.retry import Retrier
+from bccguard.smtp.server import RelayHandler, RelaySMTP, SessionGate
+from bccguard.store.quarantine import Quarantine
+from bccguard.store.spool import Spool
+from bccguard.systemd import notify
+from bccguard.upstream import open_upstream
+
+READY_UPSTREAM_WINDOW = 60.0
+
+
+def rule_names(config: Config) -> list[str]:
+    return ["default", *(r.name for r in config.policy.rules)]
+
+
+class App:
+    def __init__(self, config: Config, *, config_path: str | None = None, metrics: Metrics | None = None) -> None:
+        self.config_path = config_path
+        self.log = get_logger("bccguard")
+        self.metrics = metrics or Metrics(rules=rule_names(config), version=__version__)
+        self.runtime = self._build_runtime(config)
+        self.gate = SessionGate()
+        self.sessions: set[RelaySMTP] = set()
+        self.server: asyncio.base_events.Server | None = None
+        self.ops: Any = None
+        self.retrier = Retrier(lambda: self.runtime)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+        self._last_upstream_ok = 0.0
+        self.port = 0
+
+    def _build_runtime(self, config: Config) -> Runtime:
+        q = Quarantine(config.quarantine.path)
+        q.open()
+        spool = Spool(config.spool.path, schedule=config.spool.retry_schedule, max_age=config.spool.max_age)
+        spool.open()
+        upstream = open_upstream(config.upstream, hostname=config.server.hostname)
+        return Runtime(
+            config=config, upstream=upstream, quarantine=q, spool=spool, metrics=self.metrics, log=self.log
+        )
+
+    # ------------------------------------------------------------ start/stop
+    async def start(self) -> None:
+        cfg = self.runtime.config
+        host, port = parse_hostport(cfg.server.listen)
+        handler = RelayHandler(lambda: self.runtime)
+        loop = asyncio.get_running_loop()
+
+        def factory() -> RelaySMTP:
+            return RelaySMTP(
+                handler,
+                runtime_ref=lambda: self.runtime,
+                gate=self.gate,
+                sessions=self.sessions,
+                loop=loop,
+            )
+
+        self.server = await loop.create_server(factory, host=host or None, port=port)
+        sock = self.server.sockets[0]
+        self.port = sock.getsockname()[1]
+        if cfg.metrics.listen:
+            from bccguard.ops.http import OpsServer
+
+            self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
+            self.ops.start()
+        self.metrics.quarantine_set(*self.runtime.quarantine.depth())
+        self._tasks.append(asyncio.create_task(self.retrier.run(), name="spool"))
+        self._tasks.append(asyncio.create_task(self._watch_upstream(), name="upstream-probe"))
+        self.log.info(
+            "started",
+            version=__version__,
+            listen=f"{host}:{self.port}",
+            upstream=_scheme(cfg.upstream.url),
+            config=cfg.source,
+            rules=len(cfg.policy.rules),
+        )
+        if cfg.logging.log_addresses:
+            self.log.warning("address_logging_enabled", note="logs will contain full email addresses")
+        notify("READY=1")
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.server is None or not self.server.is_serving():
+            return False, "SMTP listener not up"
+        if time.monotonic() - self._last_upstream_ok > READY_UPSTREAM_WINDOW:
+            return False, "upstream not reachable recently"
+        return True, "ready"
+
+    async def _watch_upstream(self) -> None:
+        """Probe the upstream now and then so /readyz reflects reality without traffic."""
+        while True:
+            try:
+                await self.runtime.upstream.probe()
+                self._last_upstream_ok = time.monotonic()
+                self.metrics.upstream_ok()
+            except Exception as exc:  # any failure means "not ready"; the reason is logged
+                self.log.warning("upstream_probe_failed", error=type(exc).__name__, kind=getattr(exc, "kind", ""))
+            await asyncio.sleep(15.0)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        timeout = self.runtime.config.server.shutdown_timeout if timeout is None else timeout
+        notify("STOPPING=1")
+        if self.server is not None:
+            self.server.close()
+        await asyncio.gather(*(s.shutdown() for s in list(self.sessions)), return_exceptions=True)
+        deadline = time.monotonic() + timeout
+        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.sessions):
+            if s.transport is not None:
+                s.transport.close()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.ops is not None:
+            self.ops.stop()
+        await self.runtime.upstream.close()
+        self.log.info("stopped", drained=not any(s.busy for s in self.sessions))
+
+    # ------------------------------------------------------------ reload
+    async def reload(self) -> bool:
+        """SIGHUP: new snapshot if the file is valid, else keep serving the old one."""
+        if self.config_path is None:
+            self.log.info("reload_skipped", reason="running on embedded defaults")
+            return False
+        try:
+            new = load(self.config_path)
+            if parse_hostport(new.server.listen) != parse_hostport(self.runtime.config.server.listen):
+                self.log.warning("reload_listen_unchanged", reason="server.listen needs a restart")
+            runtime = self._build_runtime(new)
+        except ConfigError as exc:
+            self.metrics.config_reload(False)
+            for p in exc.problems:
+                self.log.error("reload_failed", problem=p)
+            return False
+        except Exception as exc:
+            self.metrics.config_reload(False)
+            self.log.error("reload_failed", problem=str(exc))
+            return False
+        old = self.runtime
+        self.runtime = runtime
+        self.metrics.set_rules(rule_names(new))
+        self.metrics.config_reload(True)
+        self.log.info("reloaded", config=new.source, rules=len(new.policy.rules))
+        asyncio.get_running_loop().call_later(
+            new.upstream.timeout * 6, lambda: asyncio.ensure_future(old.upstream.close())
+        )
+        return True
+
+    # ------------------------------------------------------------ main
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+        return 0
+
+
+def _scheme(url: str) -> str:
+    return url.partition(":")[0]

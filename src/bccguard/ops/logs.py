@@ -1,0 +1,80 @@
+"""structlog set-up: JSON lines in production, readable on a terminal, no addresses.
+
+bccguard is a privacy tool, so its own logs must not become the leak. The
+relay logs counts, domains, rule names and short hashes; `address_hash`
+gives admins a stable handle to correlate one recipient across lines without
+writing the address down. aiosmtpd's `mail.log` prints every sender and
+recipient at INFO, so it is held at WARNING unless the admin explicitly asks
+for address logging (and is warned about it at start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_SALT = b"bccguard-v1"
+
+
+def address_hash(address: str) -> str:
+    """Short, stable, non-reversible tag for an address (12 hex chars of BLAKE2b)."""
+    return hashlib.blake2b(address.lower().encode("utf-8", "surrogateescape"), digest_size=6,
+                           key=_SALT).hexdigest()
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def configure(level: str = "info", fmt: str = "auto", *, log_addresses: bool = False,
+              stream: Any = None) -> None:
+    """Route structlog and stdlib logging through one renderer on `stream` (stderr)."""
+    stream = stream or sys.stderr
+    use_console = fmt == "console" or (fmt == "auto" and hasattr(stream, "isatty") and stream.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        )
+    )
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_bccguard", False):
+            root.removeHandler(h)
+    handler._bccguard = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiosmtpd logs every MAIL FROM / RCPT TO argument at INFO: addresses.
+    logging.getLogger("mail.log").setLevel(
+        logging.DEBUG if log_addresses else max(logging.WARNING, root.level)
+    )
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+
+
+def get_logger(name: str = "bccguard") -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,84 @@
+"""Envelope + visible addresses + policy -> Verdict. The whole policy, as one pure function.
+
+Exposure is defined by the issue contract: at least one external envelope
+recipient receives the message, and its visible headers show more than
+`max_visible_external` distinct external addresses or more than
+`max_visible_consumer` distinct consumer-mailbox addresses. Mail among
+colleagues and partners never trips it, however long the To line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
+from bccguard.config import PolicyConfig, PolicySettings
+from bccguard.policy.classify import classify, classify_rcpt
+from bccguard.policy.model import Action, Address, AddressClass, Envelope, Verdict
+
+DEFAULT_RULE = "default"
+
+
+def select_rule(policy: PolicyConfig, envelope: Envelope) -> tuple[str, PolicySettings]:
+    """First rule whose sender pattern matches the envelope sender (or the AUTH user) wins."""
+    candidates = [envelope.mail_from.lower()]
+    if envelope.auth_user:
+        candidates.append(envelope.auth_user.lower())
+    for rule in policy.rules:
+        for pattern in rule.senders:
+            if any(fnmatchcase(c, pattern) for c in candidates):
+                return rule.name, rule.settings
+    return DEFAULT_RULE, policy.defaults
+
+
+def hidden_set(visible: Sequence[Address], settings: PolicySettings) -> set[str]:
+    """The distinct addr-specs a rewrite removes: every external (incl. consumer) address."""
+    return {a.addr_spec for a in visible if classify(a, settings).is_external}
+
+
+def decide(envelope: Envelope, visible: Sequence[Address], policy: PolicyConfig) -> Verdict:
+    rule, settings = select_rule(policy, envelope)
+    external: set[str] = set()
+    consumer: set[str] = set()
+    distinct: set[str] = set()
+    for a in visible:
+        spec = a.addr_spec
+        distinct.add(spec)
+        cls = classify(a, settings)
+        if cls.is_external:
+            external.add(spec)
+            if cls is AddressClass.CONSUMER:
+                consumer.add(spec)
+    external_rcpts = sum(1 for r in envelope.rcpt_tos if classify_rcpt(r, settings).is_external)
+    too_many = (
+        len(external) > settings.max_visible_external
+        or len(consumer) > settings.max_visible_consumer
+    )
+    exposure = external_rcpts > 0 and too_many
+    common = {
+        "rule": rule,
+        "exposure": exposure,
+        "visible": len(distinct),
+        "visible_external": tuple(sorted(external)),
+        "visible_consumer": len(consumer),
+        "external_rcpts": external_rcpts,
+    }
+    if not exposure:
+        return Verdict(action=Action.PASS, **common)  # type: ignore[arg-type]
+    action = settings.action
+    reason = exposure_reason(len(external), len(consumer), settings)
+    if action is Action.AUDIT:
+        return Verdict(
+            action=action, would=Action.REWRITE, hidden=len(external), reason=reason, **common  # type: ignore[arg-type]
+        )
+    hidden = len(external) if action in (Action.REWRITE, Action.SPLIT) else 0
+    return Verdict(action=action, hidden=hidden, reason=reason, **common)  # type: ignore[arg-type]
+
+
+def exposure_reason(external: int, consumer: int, settings: PolicySettings) -> str:
+    """What the sender did wrong and how to fix it, with counts only: this text reaches SMTP replies."""
+    if consumer > settings.max_visible_consumer and external <= settings.max_visible_external:
+        what = f"{consumer} personal mailbox addresses are visible in To/Cc"
+    else:
+        what = f"{external} customer addresses are visible in To/Cc"
+    return f"{what}; send them as Bcc"

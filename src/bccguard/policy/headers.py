@@ -1,0 +1,135 @@
+"""Split a message's header block into fields with exact byte offsets.
+
+The relay must rewrite a few fields and leave every other byte alone (DKIM
+signatures and MUA quirks depend on it), so each `Field` remembers where it
+starts and ends in the original bytes. Only the header block is read: the
+body, and any message/rfc822 part inside it, never counts as headers.
+
+Tolerance rules, chosen so that the scan sees at least every line a
+downstream parser might take for a header (over-inspecting is safe,
+under-inspecting leaks addresses):
+
+- The block ends at the first empty line (`\\n` or `\\r\\n` alone). A line
+  holding only blanks is a continuation line (obs-FWS), not the end.
+- A leading mbox `From ` line is skipped, as are garbage lines (no colon,
+  or a name with characters outside RFC 5322 ftext): they stay in the block,
+  byte for byte, but are not fields. Unlike Postfix and Python's feedparser,
+  a garbage line does not end the block, so a `To:` after it is still seen.
+  Continuation lines after a garbage line belong to that garbage.
+- Whitespace between name and colon (`To : x`, RFC 5322 4.5) is accepted.
+- LF-only files, a missing body and a missing final newline are fine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_FTEXT = frozenset(range(33, 127)) - {ord(":")}
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One header field as it stands in the message."""
+
+    name: str  # field name as written (without obs whitespace before the colon)
+    lname: str  # lower-cased name
+    start: int  # byte offset of the field's first byte in the message
+    end: int  # byte offset just past its final line ending (or end of message)
+    value: str  # text after the colon, folding kept, decoded utf-8 surrogateescape
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderBlock:
+    """The parsed header block of one message.
+
+    `header_end` (an addition to the original contract) is the offset just
+    past the last header line, where new fields are inserted: the blank line
+    separating the body starts there. It equals `body_offset` when the
+    message has no blank line.
+    """
+
+    fields: tuple[Field, ...]
+    body_offset: int  # first body byte (after the blank line); len(message) if none
+    eol: bytes  # b"\r\n" or b"\n": the message's own line ending style
+    header_end: int = -1
+
+    def get_all(self, lname: str) -> list[Field]:
+        """Every field called `lname` (case-insensitive), in message order."""
+        want = lname.lower()
+        return [f for f in self.fields if f.lname == want]
+
+
+def _eol_of(message: bytes) -> bytes:
+    """The line ending of the first line: files on disk are often LF-only."""
+    nl = message.find(b"\n")
+    if nl == -1 or (nl > 0 and message[nl - 1] == 0x0D):
+        return b"\r\n"  # CRLF, or no line ending at all: SMTP's own style
+    return b"\n"
+
+
+def _field_name(line: bytes) -> tuple[str, int] | None:
+    """`(name, colon offset)` when `line` starts a field, else None."""
+    colon = line.find(b":")
+    if colon <= 0:
+        return None
+    name = line[:colon].rstrip(b" \t")  # obs-optional: WSP before the colon
+    if not name or any(b not in _FTEXT for b in name):
+        return None
+    return name.decode("ascii"), colon
+
+
+def parse_header(message: bytes) -> HeaderBlock:
+    """Parse the header block of `message`; never raises, linear in its size."""
+    eol = _eol_of(message)
+    n = len(message)
+    fields: list[Field] = []
+    # The field being collected: (name, start, value_start); continuation
+    # lines only extend it, so its end is the end of the last line seen.
+    cur: tuple[str, int, int] | None = None
+    cur_end = 0
+    pos = 0
+    header_end = n
+    body_offset = n
+
+    def close() -> None:
+        if cur is None:
+            return
+        name, start, vstart = cur
+        raw = message[vstart:cur_end]
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+        value = raw.decode("utf-8", "surrogateescape")
+        fields.append(Field(name, name.lower(), start, cur_end, value))
+
+    first = True
+    while pos < n:
+        nl = message.find(b"\n", pos)
+        line_end = n if nl == -1 else nl + 1
+        content_end = nl if nl != -1 else n
+        if content_end > pos and message[content_end - 1] == 0x0D and nl != -1:
+            content_end -= 1
+        if content_end == pos and nl != -1:
+            # The empty line: the header block ends here, the body follows it.
+            header_end = pos
+            body_offset = line_end
+            break
+        c = message[pos]
+        if c in (0x20, 0x09):
+            if cur is not None:
+                cur_end = line_end  # continuation line
+        else:
+            close()
+            cur = None
+            parsed = None
+            if not (first and message.startswith(b"From ", pos)):
+                parsed = _field_name(message[pos:content_end])
+            if parsed is not None:
+                name, colon = parsed
+                cur = (name, pos, pos + colon + 1)
+                cur_end = line_end
+        first = False
+        pos = line_end
+    close()
+    return HeaderBlock(tuple(fields), body_offset, eol, header_end)

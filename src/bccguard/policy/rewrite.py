@@ -1,0 +1,238 @@
+"""Rewrite a message's recipient headers, touching nothing else.
+
+Only fields that lose a mailbox are rebuilt; every other byte (fields, their
+folding, garbage lines, the body) is copied from the original, so DKIM
+signatures over untouched fields survive and a diff shows only the change.
+
+Rebuilt fields keep each surviving mailbox's raw text (display names,
+comments, quoting) with folding removed, then are folded again at item
+boundaries: at most 78 octets a line where an item allows it, never more
+than 998 (RFC 5322 2.1.1). Folding only ever inserts a line break before
+existing whitespace, which unfolding removes again, so meaning is kept. The
+one exception is an item over 998 octets with no whitespace at all (only
+possible in files that already broke the limit): it is cut hard.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from bccguard.policy.addresses import (
+    RECIPIENT_FIELDS,
+    Group,
+    Mailbox,
+    parse_address_list,
+)
+from bccguard.policy.headers import Field, HeaderBlock
+from bccguard.policy.model import Address
+
+_BCC_FIELDS = ("bcc", "resent-bcc")
+_SOFT = 78
+_HARD = 998
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_NEWLINE = re.compile(r"[\r\n]")
+_WSP_SPLIT = re.compile(r"(?=[ \t])")
+
+# A field's fate in the rebuilt message: kept as is, dropped, or replaced.
+_KEEP = object()
+Plan = dict[int, bytes | None]
+
+
+def _flat(text: str) -> str:
+    """Unfold, and turn any stray CR/LF into a space so no new line is ever injected."""
+    return _NEWLINE.sub(" ", _FOLD.sub("", text))
+
+
+def _octets(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
+def _put_long(out: list[str], piece: str, width: int, eol: str) -> int:
+    """Place a piece too long for one line, breaking before its own whitespace."""
+    for k, part in enumerate(_WSP_SPLIT.split(piece)):
+        if not part:
+            continue
+        sub = part
+        size = _octets(sub)
+        if k > 0 and width + size > _HARD:
+            out.append(eol)
+            width = 0
+        while width + size > _HARD:
+            # No whitespace left to fold at: cut hard (see module docstring).
+            room = max(_HARD - width, 1)
+            head = sub[:room]
+            while _octets(head) > room and len(head) > 1:
+                head = head[:-1]
+            out.append(head)
+            out.append(eol + " ")
+            sub = sub[len(head) :]
+            size = _octets(sub)
+            width = 1
+        out.append(sub)
+        width += size
+    return width
+
+
+def _fold(name: str, pieces: list[str], eol: str) -> bytes:
+    """`name: piece piece ...` with a line break where a piece would pass 78 octets."""
+    out = [name, ":"]
+    width = _octets(name) + 1
+    for i, piece in enumerate(pieces):
+        size = _octets(piece)
+        if i > 0 and width + 1 + size > _SOFT:
+            out.append(eol)
+            width = 0
+        out.append(" ")
+        width += 1
+        if width + size <= _HARD:
+            out.append(piece)
+            width += size
+        else:
+            width = _put_long(out, piece, width, eol)
+    out.append(eol)
+    return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def _group_pieces(value: str, group: Group, members: list[Mailbox]) -> list[str]:
+    """`Name: a, b;` as foldable pieces; a group left empty stays as `Name:;`."""
+    display = _flat(group.display)
+    if not members:
+        return [f"{display}:;"]
+    pieces = [f"{display}:"]
+    pieces += [_flat(value[m.start : m.end]) + "," for m in members]
+    pieces[-1] = pieces[-1][:-1] + ";"
+    return pieces
+
+
+def _filter_field(
+    field: Field, hide: Callable[[Address], bool], removed: set[str], eol: str
+) -> object:
+    """`_KEEP`, None (drop) or the rebuilt field bytes without the hidden mailboxes."""
+    value = field.value
+    hidden = False
+    kept: list[list[str]] = []
+    for item in parse_address_list(value):
+        if isinstance(item, Group):
+            members = []
+            for mb in item.members:
+                if hide(mb.address):
+                    removed.add(mb.address.addr_spec)
+                    hidden = True
+                else:
+                    members.append(mb)
+            kept.append(_group_pieces(value, item, members))
+        elif hide(item.address):
+            removed.add(item.address.addr_spec)
+            hidden = True
+        else:
+            kept.append([_flat(value[item.start : item.end])])
+    if not hidden:
+        return _KEEP
+    if not kept:
+        return None
+    pieces: list[str] = []
+    for item_pieces in kept:
+        if pieces:
+            pieces[-1] += ","
+        pieces += item_pieces
+    return _fold(field.name, pieces, eol)
+
+
+def _assemble(message: bytes, block: HeaderBlock, plan: Plan, tail: bytes) -> bytes:
+    """Copy `message`, applying `plan` to fields and inserting `tail` after the header."""
+    header_end = block.header_end
+    if header_end < 0:  # a HeaderBlock built by hand: fall back to the last field
+        header_end = max((f.end for f in block.fields), default=0)
+    out = bytearray()
+    prev = 0
+    for i, f in enumerate(block.fields):
+        if i in plan:
+            out += message[prev : f.start]
+            out += plan[i] or b""
+            prev = f.end
+    out += message[prev:header_end]
+    if out and not out.endswith(b"\n"):
+        out += block.eol  # the last header line had no line ending
+    out += tail
+    out += message[header_end:]
+    return bytes(out)
+
+
+def _stamp_field(stamp: str, eol: str) -> bytes:
+    return _fold("X-BCCGuard", [_flat(stamp)], eol)
+
+
+def rewrite_headers(
+    message: bytes,
+    block: HeaderBlock,
+    hide: Callable[[Address], bool],
+    *,
+    to_fallback: str,
+    stamp: str,
+) -> tuple[bytes, int]:
+    """Remove hidden mailboxes from To/Cc/Resent-To/Resent-Cc; drop Bcc/Resent-Bcc.
+
+    Returns the new message and how many distinct addr-specs were removed
+    (Bcc contents are not counted: they were never visible). A field left
+    empty is dropped, a group left empty stays as `Name:;`, and when no To
+    field remains a `To: {to_fallback}` takes the place of the first one
+    (or goes at the end of the header). `X-BCCGuard: {stamp}` is appended.
+    """
+    eol = block.eol.decode("ascii")
+    plan: Plan = {}
+    removed: set[str] = set()
+    for i, f in enumerate(block.fields):
+        if f.lname in _BCC_FIELDS:
+            plan[i] = None
+        elif f.lname in RECIPIENT_FIELDS:
+            new = _filter_field(f, hide, removed, eol)
+            if new is not _KEEP:
+                plan[i] = new if isinstance(new, bytes) else None
+    tail = b""
+    to_fields = [i for i, f in enumerate(block.fields) if f.lname == "to"]
+    if all(i in plan and plan[i] is None for i in to_fields):
+        fallback = _fold("To", [_flat(to_fallback).strip()], eol)
+        if to_fields:
+            plan[to_fields[0]] = fallback
+        else:
+            tail += fallback
+    tail += _stamp_field(stamp, eol)
+    return _assemble(message, block, plan, tail), len(removed)
+
+
+def personalize(
+    message: bytes,
+    block: HeaderBlock,
+    recipient: Mailbox | Address,
+    *,
+    keep: Callable[[Address], bool],
+    stamp: str,
+) -> bytes:
+    """One copy for one external recipient, who sees only themself and `keep` addresses.
+
+    `To` becomes the recipient alone: its raw header text when there is one
+    (display name kept), else its addr-spec. Cc, Resent-To and Resent-Cc
+    keep only the mailboxes `keep` accepts; Bcc and Resent-Bcc are dropped;
+    Message-ID and every other field stay byte for byte.
+    """
+    address = recipient.address if isinstance(recipient, Mailbox) else recipient
+    text = address.raw if address.valid and address.raw else address.addr_spec
+    eol = block.eol.decode("ascii")
+    to_field = _fold("To", [_flat(text).strip()], eol)
+    plan: Plan = {}
+    placed = False
+    removed: set[str] = set()
+    for i, f in enumerate(block.fields):
+        if f.lname in _BCC_FIELDS:
+            plan[i] = None
+        elif f.lname == "to":
+            plan[i] = None if placed else to_field
+            placed = True
+        elif f.lname in RECIPIENT_FIELDS:
+            new = _filter_field(f, lambda a: not keep(a), removed, eol)
+            if new is not _KEEP:
+                plan[i] = new if isinstance(new, bytes) else None
+    tail = b"" if placed else to_field
+    tail += _stamp_field(stamp, eol)
+    return _assemble(message, block, plan, tail)

@@ -1,0 +1,325 @@
+"""From verdict to SMTP reply, keeping the promise: 250 means upstream has it or disk has it.
+
+`Relay.process` is called once per message with the bytes the client sent.
+It asks the pure policy core what to do, does it through the upstream, the
+quarantine or the spool, counts and logs it once, and returns the one reply
+line the client gets. Every branch ends in exactly one of:
+
+- 250 after the upstream accepted every recipient, or accepted some and the
+  rest sit fsync'ed in the spool (4xx refusals, retried) or as a DSN there
+  (5xx refusals, reported to the sender);
+- 250 after the quarantine entry is on disk;
+- 451 4.x.x when anything upstream or local failed temporarily (client retries);
+- the upstream's own 5xx, or our 550 5.7.1 for a policy reject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bccguard.config import Config
+from bccguard.ops.logs import domain_of
+from bccguard.ops.metrics import Metrics
+from bccguard.policy.dsn import Failure, build_dsn
+from bccguard.policy.engine import Outcome, evaluate
+from bccguard.policy.model import Action, Envelope
+from bccguard.store.quarantine import Quarantine
+from bccguard.store.spool import Spool
+from bccguard.upstream import DeliveryResult, Reply, Upstream, UpstreamError
+
+_ADDRESS_RE = re.compile(r"[^\s<>()\[\],;:\"']+@[^\s<>()\[\],;:\"']+")
+
+TEMPFAIL = {
+    "connect": "451 4.4.1 Upstream mail server unreachable, try again later",
+    "timeout": "451 4.4.2 Upstream mail server timed out, try again later",
+    "tls": "451 4.4.1 Upstream TLS negotiation failed, try again later",
+    "protocol": "451 4.4.2 Upstream mail server connection broken, try again later",
+    "4xx": "451 4.4.0 Upstream mail server deferred the message, try again later",
+}
+INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
+DISK_ERROR = "451 4.3.0 Could not store the message, try again later"
+
+
+def redact(text: str) -> str:
+    """Upstream reply text may quote an address; ours never does."""
+    return _ADDRESS_RE.sub("<address>", " ".join(text.split()))[:400]
+
+
+def reply_line(code: int, text: str) -> str:
+    return f"{code} {redact(text)}".rstrip()
+
+
+@dataclass
+class Runtime:
+    """One immutable-by-convention snapshot: config and the objects built from it.
+
+    SIGHUP builds a new one beside the old and swaps the reference; sessions
+    already open keep reading the one they started with via `runtime_ref`.
+    """
+
+    config: Config
+    upstream: Upstream
+    quarantine: Quarantine
+    spool: Spool
+    metrics: Metrics
+    log: Any
+    relay: Relay = field(init=False)
+    _ids: itertools.count[int] = field(default_factory=itertools.count, init=False)
+
+    def __post_init__(self) -> None:
+        self.relay = Relay(self)
+        self._prefix = f"{os.getpid():x}{int(time.time()) & 0xFFFFFF:06x}"
+
+    def new_session_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids):x}"
+
+    def client_ip(self, session: Any) -> str:
+        """The real client: the PROXY protocol source when one was received."""
+        proxy = getattr(session, "proxy_data", None)
+        src = getattr(proxy, "src_addr", None) if proxy is not None else None
+        if src:
+            return str(src)
+        peer = getattr(session, "peer", None)
+        if isinstance(peer, tuple) and peer:
+            return str(peer[0])
+        return str(peer or "")
+
+
+class Relay:
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    async def process(
+        self,
+        *,
+        mail_from: str,
+        rcpt_tos: tuple[str, ...],
+        content: bytes,
+        smtputf8: bool,
+        auth_user: str | None,
+        session_id: str,
+        client: str,
+        started: float,
+    ) -> str:
+        rt = self.rt
+        env = Envelope(mail_from=mail_from, rcpt_tos=rcpt_tos, smtputf8=smtputf8, auth_user=auth_user)
+        log_fields: dict[str, Any] = {
+            "session_id": session_id,
+            "client": client,
+            "size": len(content),
+            "rcpts": len(rcpt_tos),
+            "sender_domain": domain_of(mail_from) if mail_from else "",
+            "rcpt_domains": _top_domains(rcpt_tos),
+        }
+        action = "tempfail"
+        rule = "default"
+        outcome: Outcome | None = None
+        inspect_s = 0.0
+        try:
+            problem = self._header_problem(content)
+            if problem is not None:
+                reply = problem
+                action = "reject"
+            else:
+                t0 = time.perf_counter()
+                outcome = evaluate(content, env, rt.config.policy)
+                inspect_s = time.perf_counter() - t0
+                v = outcome.verdict
+                rule = v.rule
+                action = v.action.value
+                log_fields.update(
+                    exposure=v.exposure,
+                    visible=v.visible,
+                    visible_external=len(v.visible_external),
+                    visible_consumer=v.visible_consumer,
+                    hidden=v.hidden,
+                )
+                if v.would is not None:
+                    log_fields["would"] = v.would.value
+                reply, upstream_fields = await self._act(outcome, env, session_id)
+                log_fields.update(upstream_fields)
+                if reply[0] == "4":
+                    action = "tempfail"
+        except Exception as exc:  # the promise: never a crash, never a 250 by accident
+            rt.log.error("message_failed", session_id=session_id, exc_info=exc)
+            reply = INTERNAL_ERROR
+            action = "tempfail"
+        verdict = outcome.verdict if outcome is not None else None
+        rt.metrics.message(
+            action=action,
+            rule=rule,
+            exposure=bool(verdict and verdict.exposure),
+            hidden=verdict.hidden if verdict and action in ("rewrite", "split") else 0,
+            visible=verdict.visible if verdict else 0,
+            visible_external=len(verdict.visible_external) if verdict else 0,
+            envelope_rcpts=len(rcpt_tos),
+            size=len(content),
+            inspect_seconds=inspect_s,
+        )
+        rt.log.info(
+            "message_processed",
+            action=action,
+            rule=rule,
+            reply_code=int(reply[:3]),
+            inspect_ms=round(inspect_s * 1000, 3),
+            total_ms=round((time.perf_counter() - started) * 1000, 3),
+            **log_fields,
+        )
+        return reply
+
+    def _header_problem(self, content: bytes) -> str | None:
+        limit = self.rt.config.server.max_header_size
+        if len(content) <= limit:
+            return None
+        if content.find(b"\r\n\r\n", 0, limit + 4) < 0 and not content.startswith(b"\r\n"):
+            return "552 5.3.4 Message header block too large"
+        return None
+
+    async def _act(self, outcome: Outcome, env: Envelope, session_id: str) -> tuple[str, dict[str, Any]]:
+        v = outcome.verdict
+        rt = self.rt
+        if v.action is Action.REJECT:
+            return f"550 5.7.1 {v.reason} (bccguard rule {v.rule})", {}
+        if v.action is Action.QUARANTINE:
+            try:
+                entry_id = await asyncio.to_thread(
+                    rt.quarantine.put, outcome.message, env, v, session_id=session_id
+                )
+            except OSError as exc:
+                rt.log.error("quarantine_write_failed", session_id=session_id, error=exc.strerror)
+                return DISK_ERROR, {}
+            rt.metrics.quarantine_set(*await asyncio.to_thread(rt.quarantine.depth))
+            return (
+                f"250 2.6.0 Held for review as {entry_id}: {v.reason}",
+                {"quarantine_id": entry_id},
+            )
+        if v.action is Action.SPLIT:
+            raise NotImplementedError("split is refused by config validation until it lands")
+        return await self.forward(outcome.message, env, session_id)
+
+    async def forward(self, message: bytes, env: Envelope, session_id: str) -> tuple[str, dict[str, Any]]:
+        """Deliver `message` to every envelope recipient; the reply tells only the truth."""
+        rt = self.rt
+        t0 = time.perf_counter()
+        try:
+            result = await rt.upstream.deliver(
+                env.mail_from,
+                env.rcpt_tos,
+                message,
+                smtputf8=env.smtputf8,
+                eightbit=not message.isascii(),
+            )
+        except UpstreamError as exc:
+            rt.metrics.upstream_failure(exc.kind)
+            fields = {"upstream_error": exc.kind, "upstream_ms": _ms(t0)}
+            if exc.reply is not None:
+                fields["upstream_code"] = exc.reply.code
+            if exc.kind == "5xx" and exc.reply is not None and exc.reply.is_permanent:
+                return reply_line(exc.reply.code, exc.reply.text), fields
+            return TEMPFAIL.get(exc.kind, TEMPFAIL["protocol"]), fields
+        rt.metrics.upstream_delivery(result.elapsed)
+        rt.metrics.upstream_ok()
+        fields = {
+            "upstream_code": result.reply.code,
+            "upstream_ms": _ms(t0),
+            "accepted": len(result.accepted),
+            "refused": len(result.refused),
+        }
+        if not result.accepted:
+            if result.reply.is_permanent:
+                rt.metrics.upstream_failure("5xx")
+                return reply_line(result.reply.code, result.reply.text), fields
+            rt.metrics.upstream_failure("4xx")
+            return TEMPFAIL["4xx"], fields
+        if result.refused:
+            return await self._partial(message, env, result, session_id, fields)
+        return reply_line(250, _ok_text(result.reply)), fields
+
+    async def _partial(
+        self,
+        message: bytes,
+        env: Envelope,
+        result: DeliveryResult,
+        session_id: str,
+        fields: dict[str, Any],
+    ) -> tuple[str, dict[str, Any]]:
+        """Some recipients accepted: 250 is owed, so the rest must go to disk first.
+
+        Temporarily refused recipients get a spooled copy that is retried;
+        permanently refused ones get a DSN to the sender (none for a null
+        sender: a bounce must not bounce).
+        """
+        rt = self.rt
+        temp = tuple(r for r, rep in result.refused.items() if not rep.is_permanent)
+        perm = [(r, rep) for r, rep in result.refused.items() if rep.is_permanent]
+        try:
+            if temp:
+                first = result.refused[temp[0]]
+                await asyncio.to_thread(
+                    rt.spool.put,
+                    message,
+                    env.mail_from,
+                    temp,
+                    kind="retry",
+                    smtputf8=env.smtputf8,
+                    origin=session_id,
+                    last_error=f"{first.code} {redact(first.text)}",
+                    delay=rt.config.spool.retry_schedule[0],
+                )
+            if perm and env.mail_from:
+                dsn = build_dsn(
+                    message,
+                    sender=env.mail_from,
+                    reporting_mta=rt.config.server.hostname,
+                    failures=[
+                        Failure(r, _status(rep), f"{rep.code} {rep.text}") for r, rep in perm
+                    ],
+                    explanation="Your message could not be delivered to the recipients below.",
+                )
+                await asyncio.to_thread(
+                    rt.spool.put, dsn, "", (env.mail_from,), kind="dsn", origin=session_id
+                )
+        except OSError as exc:
+            # The accepted recipients have the message; the others cannot be
+            # recorded. A 4xx would make the client resend to everyone, so the
+            # least-bad answer is the truth for the majority, loudly logged.
+            rt.log.error("spool_write_failed", session_id=session_id, error=exc.strerror)
+        fields.update(deferred=len(temp), bounced=len(perm))
+        text = (
+            f"2.0.0 Ok: accepted for {len(result.accepted)} of {len(env.rcpt_tos)} recipients; "
+            f"{len(temp)} deferred and retried, {len(perm)} refused (the sender gets a report)"
+        )
+        return f"250 {text}", fields
+
+
+def _ok_text(reply: Reply) -> str:
+    text = reply.text.splitlines()[0] if reply.text else ""
+    if not re.match(r"2\.\d{1,3}\.\d{1,3}\b", text):
+        text = f"2.0.0 {text}".rstrip()
+    return text
+
+
+def _status(reply: Reply) -> str:
+    m = re.match(r"([245])\.(\d{1,3})\.(\d{1,3})", reply.text)
+    if m:
+        return m.group(0)
+    return "5.0.0" if reply.is_permanent else "4.0.0"
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+def _top_domains(rcpts: tuple[str, ...], n: int = 5) -> dict[str, int]:
+    return dict(Counter(domain_of(r) for r in rcpts).most_common(n))
+
+
+RuntimeRef = Callable[[], Runtime]

@@ -1,0 +1,93 @@
+"""Crash-safe files: the only way bccguard writes anything it has promised to keep.
+
+temp file in the same directory -> write -> fsync -> rename -> fsync the
+directory. After a crash a reader sees either the old state or the whole new
+file, never a torn one; the directory fsync makes the rename itself durable
+(ext4/xfs may otherwise lose it). Files are 0600, directories 0700: held mail
+is customer data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+ID_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}")
+
+
+def new_id() -> str:
+    """Sortable by time, unguessable, and safe as a file name."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(6)
+
+
+def check_id(entry_id: str) -> str:
+    """Refuse anything that could name a path outside the store (`../x`, `/etc/passwd`)."""
+    if not ID_RE.fullmatch(entry_id) or ".." in entry_id:
+        raise ValueError(f"not a valid id: {entry_id!r}")
+    return entry_id
+
+
+def ensure_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    tmp.replace(path)
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def write_entry(directory: Path, entry_id: str, message: bytes, meta: dict[str, Any]) -> None:
+    """Message first, metadata last: an entry exists once its .json does.
+
+    A crash between the two leaves an orphan .eml that no listing shows and
+    `purge` removes; the client got no 250 for it, so it retries.
+    """
+    ensure_dir(directory)
+    atomic_write(directory / f"{entry_id}.eml", message, sync_dir=False)
+    atomic_write(directory / f"{entry_id}.json", json.dumps(meta, sort_keys=True).encode())
+
+
+def read_meta(directory: Path, entry_id: str) -> dict[str, Any]:
+    return dict(json.loads((directory / f"{check_id(entry_id)}.json").read_bytes()))
+
+
+def remove_entry(directory: Path, entry_id: str) -> None:
+    """Metadata first, so a crash mid-way leaves an orphan, not a half entry."""
+    check_id(entry_id)
+    (directory / f"{entry_id}.json").unlink(missing_ok=True)
+    (directory / f"{entry_id}.eml").unlink(missing_ok=True)
+    fsync_dir(directory)
+
+
+def list_ids(directory: Path) -> list[str]:
+    if not directory.is_dir():
+        return []
+    return sorted(p.stem for p in directory.glob("*.json") if ID_RE.fullmatch(p.stem))

@@ -1,0 +1,540 @@
+"""A small async SMTP client with RFC 2920 pipelining and a bounded connection pool.
+
+Why not aiosmtplib: it sends RCPT one round trip at a time and looks up our
+host name on every connection. Here MAIL, every RCPT and DATA go out in one
+write, the EHLO name is fixed, and connections are reused.
+
+Correctness rules this module keeps:
+- every reply is read (so the connection stays in sync) and checked; a reply
+  that is malformed, too long or unexpected is a "protocol" UpstreamError;
+- content is sent only when at least one RCPT was accepted and DATA got 354;
+- success is reported only after the upstream's 2xx to the final ".";
+- a connection whose state is unknown (error, timeout, cancellation) is
+  aborted, never pooled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any
+
+from bccguard.config import UpstreamConfig
+from bccguard.upstream import DeliveryResult, Reply, UpstreamError, significant_refusal
+from bccguard.upstream.wire import Encoded, address_ok, encode_data, needs_smtputf8
+
+# RFC 5321 4.5.3.1.5 allows 512 octets a reply line; real servers send longer
+# texts, garbage sends far longer. Past these bounds the peer is not SMTP.
+MAX_LINE = 2048
+MAX_REPLY_LINES = 256
+_STREAM_LIMIT = 64 * 1024
+# Content goes out in slices with a drain after each, so the transport buffer
+# never holds another full copy of a big message.
+_WRITE_SLICE = 1 << 20
+# QUIT is a courtesy: never let it hold up shutdown.
+_QUIT_TIMEOUT = 5.0
+
+_REPLY_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?\r?\n\Z", re.DOTALL)
+
+REPLY_BAD_SENDER = Reply(501, "5.1.7 Bad sender address syntax")
+REPLY_BAD_RCPT = Reply(501, "5.1.3 Bad recipient address syntax")
+REPLY_NO_SMTPUTF8 = Reply(550, "5.6.7 Upstream does not support SMTPUTF8")
+REPLY_TOO_BIG = Reply(552, "5.3.4 Message size exceeds upstream's fixed maximum")
+
+
+class _Stale(Exception):
+    """A pooled connection was dead at the first command: nothing was accepted, retry."""
+
+
+@contextlib.asynccontextmanager
+async def _step(seconds: float, what: str) -> AsyncIterator[None]:
+    """One network step under `seconds`, with transport exceptions mapped to UpstreamError."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except UpstreamError:
+        raise
+    except TimeoutError:  # before OSError: TimeoutError is one
+        raise UpstreamError("timeout", f"no progress within {seconds:g}s during {what}") from None
+    except ssl.SSLError as exc:
+        reason = exc.reason or type(exc).__name__
+        raise UpstreamError("tls", f"TLS failure during {what} ({reason})") from None
+    except asyncio.IncompleteReadError:
+        raise UpstreamError("connect", f"connection closed by upstream during {what}") from None
+    except asyncio.LimitOverrunError:
+        raise UpstreamError("protocol", f"reply line too long during {what}") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UpstreamError("connect", f"connection failed during {what} ({reason})") from None
+
+
+def parse_reply_line(raw: bytes) -> tuple[int, bool, str]:
+    """b"250-SIZE 100\\r\\n" -> (250, more_lines_follow, "SIZE 100"); ValueError if not SMTP."""
+    m = _REPLY_LINE.match(raw)
+    if m is None:
+        raise ValueError("malformed reply line")
+    text = (m.group(3) or b"").rstrip(b"\r").decode("utf-8", "replace")
+    return int(m.group(1)), m.group(2) == b"-", text
+
+
+class Connection:
+    """One SMTP session after EHLO (and STARTTLS). Not shared between tasks."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+        self.extensions: dict[str, str] = {}
+        # True only while the protocol is known to be in sync (safe to pool).
+        self.usable = False
+        # A mail transaction may be open (MAIL accepted, no final reply): RSET first.
+        self.dirty = False
+        # The server said 421: it is closing the channel.
+        self.closing = False
+        self.reused = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def read_reply(self, what: str) -> Reply:
+        """Read one complete (possibly multi-line) reply within the timeout."""
+        code = 0
+        lines: list[str] = []
+        async with _step(self.timeout, what):
+            while True:
+                raw = await self.reader.readuntil(b"\n")
+                if len(raw) > MAX_LINE:
+                    raise UpstreamError("protocol", f"reply line too long during {what}")
+                try:
+                    c, more, text = parse_reply_line(raw)
+                except ValueError:
+                    raise UpstreamError("protocol", f"malformed reply during {what}") from None
+                if code and c != code:
+                    raise UpstreamError("protocol", f"reply lines disagree on the code ({what})")
+                code = c
+                lines.append(text)
+                if not more:
+                    break
+                if len(lines) >= MAX_REPLY_LINES:
+                    raise UpstreamError("protocol", f"reply has too many lines during {what}")
+        if code == 421:
+            self.closing = True
+        return Reply(code, "\n".join(lines))
+
+    async def command(self, line: bytes, what: str) -> Reply:
+        self.write(line)
+        return await self.read_reply(what)
+
+    async def send_content(self, encoded: Encoded) -> None:
+        """Write the DATA payload in slices, draining each within the timeout."""
+        for chunk in encoded.chunks:
+            view = memoryview(chunk)
+            for i in range(0, len(view), _WRITE_SLICE):
+                self.writer.write(view[i : i + _WRITE_SLICE])
+                async with _step(self.timeout, "message content"):
+                    await self.writer.drain()
+
+    def alive(self) -> bool:
+        """Cheap local check before reusing: no EOF, no error, no 421 seen."""
+        return not (
+            self.closing
+            or self.writer.is_closing()
+            or self.reader.at_eof()
+            or self.reader.exception() is not None
+        )
+
+    def abort(self) -> None:
+        """Drop the connection without a goodbye: its protocol state is unknown."""
+        self.usable = False
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        self.writer.transport.abort()  # idempotent, and works after close()
+
+    async def quit(self) -> None:
+        """Polite goodbye; errors ignored (the connection is going away anyway)."""
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        try:
+            async with asyncio.timeout(min(self.timeout, _QUIT_TIMEOUT)):
+                if self.usable and not self.closing:
+                    self.usable = False
+                    self.writer.write(b"QUIT\r\n")
+                    await self.reader.readuntil(b"\n")
+                self.writer.close()
+                await self.writer.wait_closed()
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        except Exception:  # nothing to report about a goodbye
+            self.abort()
+
+
+def _parse_ehlo(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (upper case) -> parameters; the first line is the greeting."""
+    ext: dict[str, str] = {}
+    for line in reply.text.split("\n")[1:]:
+        key, _, param = line.strip().partition(" ")
+        if key:
+            ext[key.upper()] = param.strip()
+    return ext
+
+
+def make_tls_context(cfg: UpstreamConfig) -> ssl.SSLContext:
+    """Verification on by default (system CAs or cfg.ca_file); verify_tls=false opts out."""
+    ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not cfg.verify_tls:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class SMTPUpstream:
+    """Upstream over SMTP: pipelined transactions on pooled connections.
+
+    At most `pool_size` connections are in use by deliveries at once (others
+    wait for a free one); idle connections are closed after `pool_idle`
+    seconds. pool_size=0: a new connection per delivery, closed with QUIT.
+    """
+
+    def __init__(
+        self, cfg: UpstreamConfig, *, scheme: str, host: str, port: int, helo_name: str
+    ) -> None:
+        if scheme not in ("smtp", "smtp+starttls", "smtps"):
+            raise ValueError(f"not an SMTP scheme: {scheme!r}")
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.helo_name = helo_name
+        self.timeout = cfg.timeout
+        self.pool_size = cfg.pool_size
+        self.pool_idle = cfg.pool_idle
+        # Built once: loading the CA store costs milliseconds.
+        self._tls = make_tls_context(cfg) if scheme != "smtp" else None
+        self._slots = asyncio.Semaphore(cfg.pool_size) if cfg.pool_size > 0 else None
+        self._idle: list[Connection] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------ public API
+
+    async def deliver(
+        self,
+        mail_from: str,
+        rcpt_tos: Sequence[str],
+        message: bytes,
+        *,
+        smtputf8: bool = False,
+        eightbit: bool = False,
+    ) -> DeliveryResult:
+        """Send one transaction; see DeliveryResult and UpstreamError for the outcomes.
+
+        Recipients with control characters are refused locally (501) and never
+        sent; non-ASCII envelope addresses imply SMTPUTF8 even if not asked for.
+        """
+        start = time.monotonic()
+        if not rcpt_tos:
+            raise ValueError("deliver() needs at least one recipient")
+        if not address_ok(mail_from):
+            raise UpstreamError("5xx", "sender address has control characters", REPLY_BAD_SENDER)
+        refused: dict[str, Reply] = {}
+        valid: list[str] = []
+        for rcpt in rcpt_tos:
+            if address_ok(rcpt):
+                valid.append(rcpt)
+            else:
+                refused[rcpt] = REPLY_BAD_RCPT
+        if not valid:
+            reply = significant_refusal(list(refused.values()))
+            return DeliveryResult((), refused, reply, time.monotonic() - start)
+        utf8 = smtputf8 or needs_smtputf8(mail_from, *valid)
+        encoded = encode_data(message)
+        async with self._slot():
+            conn = await self._take()
+            try:
+                try:
+                    accepted, reply = await self._transact(
+                        conn, mail_from, valid, encoded, refused, utf8=utf8, eightbit=eightbit
+                    )
+                except _Stale:
+                    conn.abort()
+                    conn = await self._connect()
+                    accepted, reply = await self._transact(
+                        conn, mail_from, valid, encoded, refused, utf8=utf8, eightbit=eightbit
+                    )
+            finally:
+                self._put_back(conn)
+        return DeliveryResult(tuple(accepted), refused, reply, time.monotonic() - start)
+
+    async def probe(self) -> None:
+        """NOOP on an idle pooled connection, else connect + EHLO (kept in the pool if allowed)."""
+        async with self._slot():
+            conn = self._take_idle()
+            if conn is not None:
+                conn.usable = False
+                with contextlib.suppress(UpstreamError):
+                    conn.usable = (await conn.command(b"NOOP\r\n", "NOOP")).is_ok
+                healthy = conn.usable
+                self._put_back(conn)
+                if healthy:
+                    return
+            self._put_back(await self._connect())
+
+    async def close(self) -> None:
+        """QUIT idle connections; connections in use are closed when their delivery ends."""
+        self._closed = True
+        while self._idle:
+            self._spawn(self._idle.pop().quit())
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------ the pool
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        if self._closed:
+            raise UpstreamError("connect", "upstream client is closed")
+        if self._slots is None:
+            yield
+            return
+        async with self._slots:
+            yield
+
+    def _take_idle(self) -> Connection | None:
+        while self._idle:
+            conn = self._idle.pop()  # most recent first: the oldest ones expire
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
+            if conn.alive():
+                conn.reused = True
+                return conn
+            conn.abort()
+        return None
+
+    async def _take(self) -> Connection:
+        return self._take_idle() or await self._connect()
+
+    def _put_back(self, conn: Connection) -> None:
+        if not conn.usable or not conn.alive():
+            conn.abort()
+        elif self._slots is None or self._closed:
+            self._spawn(conn.quit())
+        else:
+            loop = asyncio.get_running_loop()
+            conn.idle_timer = loop.call_later(self.pool_idle, self._expire, conn)
+            self._idle.append(conn)
+
+    def _expire(self, conn: Connection) -> None:
+        conn.idle_timer = None
+        if conn in self._idle:
+            self._idle.remove(conn)
+            self._spawn(conn.quit())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ session setup
+
+    async def _connect(self) -> Connection:
+        """TCP (or implicit TLS) connect, greeting, EHLO, STARTTLS when required."""
+        implicit = self._tls if self.scheme == "smtps" else None
+        async with _step(self.timeout, "connect"):
+            reader, writer = await asyncio.open_connection(
+                self.host,
+                self.port,
+                ssl=implicit,
+                server_hostname=self.host if implicit else None,
+                ssl_handshake_timeout=self.timeout if implicit else None,
+                limit=_STREAM_LIMIT,
+            )
+        conn = Connection(reader, writer, self.timeout)
+        try:
+            greeting = await conn.read_reply("greeting")
+            if greeting.code != 220:
+                raise UpstreamError.refused("upstream refused the session", greeting)
+            await self._ehlo(conn)
+            if self.scheme == "smtp+starttls":
+                await self._starttls(conn)
+        except BaseException:
+            conn.abort()
+            raise
+        conn.usable = True
+        return conn
+
+    async def _ehlo(self, conn: Connection) -> None:
+        name = self.helo_name.encode("ascii", "replace")
+        reply = await conn.command(b"EHLO " + name + b"\r\n", "EHLO")
+        if reply.is_ok:
+            conn.extensions = _parse_ehlo(reply)
+            return
+        if reply.is_permanent and reply.code != 554:
+            # RFC 5321 4.1.4: a server that does not know EHLO gets HELO.
+            reply = await conn.command(b"HELO " + name + b"\r\n", "HELO")
+            if reply.is_ok:
+                conn.extensions = {}
+                return
+        raise UpstreamError.refused("upstream refused EHLO", reply)
+
+    async def _starttls(self, conn: Connection) -> None:
+        assert self._tls is not None  # set for every TLS scheme
+        if "STARTTLS" not in conn.extensions:
+            raise UpstreamError("tls", "upstream does not offer STARTTLS")
+        reply = await conn.command(b"STARTTLS\r\n", "STARTTLS")
+        if reply.code != 220:
+            raise UpstreamError("tls", "upstream refused STARTTLS", reply)
+        # Anything already buffered was sent before the handshake and could be
+        # injected by a man in the middle (CVE-2011-0411 style): refuse it.
+        if getattr(conn.reader, "_buffer", b""):
+            raise UpstreamError("protocol", "data after the STARTTLS reply")
+        async with _step(self.timeout, "STARTTLS handshake"):
+            await conn.writer.start_tls(
+                self._tls, server_hostname=self.host, ssl_handshake_timeout=self.timeout
+            )
+        conn.extensions = {}
+        await self._ehlo(conn)  # RFC 3207 4.2: forget what was learnt in clear text
+
+    # ------------------------------------------------------------ one transaction
+
+    def _mail_command(
+        self, conn: Connection, mail_from: str, encoded: Encoded, *, utf8: bool, eightbit: bool
+    ) -> bytes:
+        """MAIL FROM with the parameters the upstream advertised; refuse what it cannot take."""
+        ext = conn.extensions
+        params = []
+        if "SIZE" in ext:
+            limit = ext["SIZE"]
+            if limit.isdigit() and int(limit) > 0 and encoded.size > int(limit):
+                raise UpstreamError("5xx", "message larger than upstream's SIZE", REPLY_TOO_BIG)
+            params.append(f" SIZE={encoded.size}")
+        if eightbit and "8BITMIME" in ext:
+            params.append(" BODY=8BITMIME")
+        if utf8:
+            if "SMTPUTF8" not in ext:
+                raise UpstreamError("5xx", "upstream does not offer SMTPUTF8", REPLY_NO_SMTPUTF8)
+            params.append(" SMTPUTF8")
+        return f"MAIL FROM:<{mail_from}>{''.join(params)}\r\n".encode()
+
+    async def _first_reply(self, conn: Connection, what: str) -> Reply:
+        """The first reply of a transaction; on a reused connection, death means retry."""
+        try:
+            reply = await conn.read_reply(what)
+        except UpstreamError as exc:
+            if conn.reused and exc.kind == "connect":
+                raise _Stale from exc
+            raise
+        if conn.reused and reply.code == 421:
+            raise _Stale
+        return reply
+
+    async def _transact(
+        self,
+        conn: Connection,
+        mail_from: str,
+        rcpts: list[str],
+        encoded: Encoded,
+        refused: dict[str, Reply],
+        *,
+        utf8: bool,
+        eightbit: bool,
+    ) -> tuple[list[str], Reply]:
+        """MAIL/RCPT/DATA/content on `conn`. Returns (accepted, final reply) or raises.
+
+        `refused` is filled in place with the RCPT refusals. conn.usable is set
+        back to True only where the session is known to be in sync.
+        """
+        mail = self._mail_command(conn, mail_from, encoded, utf8=utf8, eightbit=eightbit)
+        conn.usable = False
+        if conn.dirty:
+            conn.write(b"RSET\r\n")  # nothing of this transaction sent yet
+            reply = await self._first_reply(conn, "RSET")
+            if not reply.is_ok:
+                raise UpstreamError.refused("upstream refused RSET", reply)
+            conn.dirty = False
+            conn.reused = False  # it just proved alive: later failures are not "stale"
+        rcpt_lines = [f"RCPT TO:<{r}>\r\n".encode() for r in rcpts]
+        rcpt_replies: list[Reply] = []
+        data_reply: Reply | None = None
+
+        if "PIPELINING" in conn.extensions:
+            # RFC 2920 3.1: MAIL, RCPTs and DATA in one group; then every reply
+            # is read before deciding anything, so the session stays in sync.
+            conn.write(b"".join([mail, *rcpt_lines, b"DATA\r\n"]))
+            last = mail_reply = await self._first_reply(conn, "MAIL FROM")
+            conn.dirty = mail_reply.is_ok
+            if not conn.closing:
+                for _ in rcpts:
+                    last = await conn.read_reply("RCPT TO")
+                    rcpt_replies.append(last)
+                    if conn.closing:
+                        break
+                else:
+                    last = data_reply = await conn.read_reply("DATA")
+        else:
+            conn.write(mail)
+            last = mail_reply = await self._first_reply(conn, "MAIL FROM")
+            conn.dirty = mail_reply.is_ok
+            if mail_reply.is_ok:
+                for line in rcpt_lines:
+                    last = await conn.command(line, "RCPT TO")
+                    rcpt_replies.append(last)
+                    if conn.closing:
+                        break
+
+        if conn.closing:  # a 421 anywhere: the server is hanging up
+            raise UpstreamError.refused("upstream closed the session", last)
+        if not mail_reply.is_ok:
+            if data_reply is not None and data_reply.code == 354:
+                await self._empty_data(conn)
+            conn.usable = True
+            raise UpstreamError.refused("upstream refused the sender", mail_reply)
+        if any(not 200 <= r.code < 600 or 300 <= r.code < 400 for r in rcpt_replies):
+            raise UpstreamError("protocol", "RCPT answered with a 3xx code")
+
+        accepted: list[str] = []
+        for rcpt, reply in zip(rcpts, rcpt_replies, strict=True):
+            if reply.is_ok:
+                accepted.append(rcpt)
+            else:
+                refused[rcpt] = reply
+
+        if not accepted:
+            if data_reply is not None and data_reply.code == 354:
+                # RFC 2920 3.1: DATA accepted despite no recipient: send a lone dot.
+                await self._empty_data(conn)
+            conn.usable = True
+            return [], significant_refusal(list(refused.values()))
+
+        if data_reply is None:
+            data_reply = await conn.command(b"DATA\r\n", "DATA")
+            if conn.closing:
+                raise UpstreamError.refused("upstream closed the session", data_reply)
+        if data_reply.code != 354:
+            if data_reply.is_ok:
+                raise UpstreamError("protocol", "DATA answered 2xx instead of 354")
+            conn.usable = not conn.closing
+            raise UpstreamError.refused("upstream refused DATA", data_reply)
+
+        await conn.send_content(encoded)
+        final = await conn.read_reply("end of DATA")
+        conn.dirty = False  # the final reply ends the transaction, whatever it says
+        conn.usable = not conn.closing
+        if final.is_ok:
+            return accepted, final
+        raise UpstreamError.refused("upstream refused the message", final)
+
+    async def _empty_data(self, conn: Connection) -> None:
+        reply = await conn.command(b".\r\n", "empty DATA")
+        del reply  # whatever it says, no recipient was accepted
+        conn.dirty = False
