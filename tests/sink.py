@@ -300,10 +300,10 @@ def closed_port() -> int:
 
 def self_signed_cert(directory: Path, name: str = HOST) -> tuple[Path, Path]:
     """(cert.pem, key.pem) for `name` (an IP or DNS name), valid for a day."""
-    from cryptography import x509  # noqa: PLC0415 - only TLS tests pay for the import
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
