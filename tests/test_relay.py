@@ -287,3 +287,17 @@ async def test_proxy_protocol_client_address_decides_relaying(start_relay: Start
         await _talk(reader, writer, b"MAIL FROM:<a@corp.example>\r\n")
         assert (await _talk(reader, writer, b"RCPT TO:<b@corp.example>\r\n"))[0].startswith(expected)
         writer.close()
+
+
+async def test_readiness_follows_the_upstream(start_relay: StartRelay, sink: Sink) -> None:
+    app = await start_relay(f"smtp://127.0.0.1:{sink.port}")
+    deadline = asyncio.get_running_loop().time() + 10
+    while not app.readiness()[0] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert app.readiness() == (True, "ready")
+    port = sink.port
+    await sink.stop()
+    down = await start_relay(f"smtp://127.0.0.1:{port}")
+    await asyncio.sleep(0.2)
+    ok, reason = down.readiness()
+    assert not ok and "upstream" in reason

@@ -29,6 +29,7 @@ from bccguard.systemd import notify
 from bccguard.upstream import open_upstream
 
 READY_UPSTREAM_WINDOW = 60.0
+PROBE_INTERVAL = 15.0
 
 
 def rule_names(config: Config) -> list[str]:
@@ -50,7 +51,6 @@ class App:
         self.retrier = Retrier(lambda: self.runtime)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
-        self._last_upstream_ok = 0.0
         self.port = 0
 
     def _build_runtime(self, config: Config) -> Runtime:
@@ -105,22 +105,30 @@ class App:
     def readiness(self) -> tuple[bool, str]:
         if self.server is None or not self.server.is_serving():
             return False, "SMTP listener not up"
-        if time.monotonic() - self._last_upstream_ok > READY_UPSTREAM_WINDOW:
+        last_ok = getattr(self.metrics, "upstream_last_ok", 0.0) or 0.0
+        if time.monotonic() - last_ok > READY_UPSTREAM_WINDOW:
             return False, "upstream not reachable recently"
         return True, "ready"
 
     async def _watch_upstream(self) -> None:
-        """Probe the upstream now and then so /readyz reflects reality without traffic."""
+        """Probe the upstream when traffic has not shown it alive lately.
+
+        A delivery that succeeded is the best probe there is; probing a busy
+        pool would only queue behind real mail and make /readyz flap.
+        """
         while True:
+            last_ok = getattr(self.metrics, "upstream_last_ok", 0.0) or 0.0
+            if time.monotonic() - last_ok < PROBE_INTERVAL:
+                await asyncio.sleep(PROBE_INTERVAL)
+                continue
             try:
-                await self.runtime.upstream.probe()
-                self._last_upstream_ok = time.monotonic()
+                await asyncio.wait_for(self.runtime.upstream.probe(), self.runtime.config.upstream.timeout)
                 self.metrics.upstream_ok()
             except Exception as exc:  # any failure means "not ready"; the reason is logged
                 self.log.warning(
                     "upstream_probe_failed", error=type(exc).__name__, kind=getattr(exc, "kind", "")
                 )
-            await asyncio.sleep(15.0)
+            await asyncio.sleep(PROBE_INTERVAL)
 
     async def stop(self, timeout: float | None = None) -> None:
         timeout = self.runtime.config.server.shutdown_timeout if timeout is None else timeout
