@@ -301,3 +301,44 @@ async def test_readiness_follows_the_upstream(start_relay: StartRelay, sink: Sin
     await asyncio.sleep(0.2)
     ok, reason = down.readiness()
     assert not ok and "upstream" in reason
+
+
+async def test_ehlo_advertises_size_8bitmime_smtputf8_pipelining(relay: App) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    try:
+        await reader.readline()
+        lines = await _talk(reader, writer, b"EHLO client.test\r\n")
+    finally:
+        writer.close()
+    keywords = {line[4:].split(b" ")[0] for line in lines[1:]}
+    assert {b"SIZE", b"8BITMIME", b"SMTPUTF8", b"PIPELINING"} <= keywords
+    assert f"SIZE {relay.runtime.config.server.max_message_size}".encode() in b"\n".join(lines)
+
+
+async def test_quarantine_write_failure_is_a_451_not_a_loss(start_relay: StartRelay, sink: Sink) -> None:
+    app = await start_relay(f"smtp://127.0.0.1:{sink.port}", {"policy": {"action": "quarantine"}})
+    qdir = app.runtime.quarantine.path
+    qdir.rmdir()
+    qdir.write_text("not a directory")  # the disk said no
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        await send(app.port, "news@corp.example", CUSTOMERS[:20], message(CUSTOMERS[:20]))
+    assert (err.value.smtp_code, err.value.smtp_error[:5]) == (451, b"4.3.0")
+    assert delivered(sink) == []
+
+
+async def test_unexpected_error_is_a_451_with_a_logged_traceback(
+    relay: App, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import structlog
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in a policy module")
+
+    monkeypatch.setattr("bccguard.relay.evaluate", broken)
+    with structlog.testing.capture_logs() as logs, pytest.raises(smtplib.SMTPDataError) as err:
+        await send(relay.port, "a@corp.example", ["b@corp.example"], message(["b@corp.example"]))
+    assert (err.value.smtp_code, err.value.smtp_error) == (451, b"4.3.0 Internal error, try again later")
+    failed = [e for e in logs if e["event"] == "message_failed"]
+    assert failed and isinstance(failed[0]["exc_info"], RuntimeError)
+    assert [e["action"] for e in logs if e["event"] == "message_processed"] == ["tempfail"]
+    assert delivered(sink) == []
