@@ -81,7 +81,7 @@ _FAST = re.compile(
 _WS, _ATOM, _SPECIAL, _OPEN, _JUNK = 1, 2, 3, 4, 5
 _QUOTED, _COMMENT, _LITERAL = 6, 7, 8
 _TOKEN = re.compile(
-    r"((?:[ \t]|\r?\n)+)"  # FWS; a bare CR is junk
+    r"([ \t\r\n]+)"  # FWS; a stray CR counts as blank too (never as a line end)
     r"|([^\x00-\x20\x7f()<>\[\]:;@\\,.\"\ud800-\udfff]+)"  # atext, UTF-8 allowed (RFC 6532)
     r"|([<>:;@,.])"
     r"|([\"(\[])"
@@ -254,9 +254,14 @@ def _mailbox(value: str, toks: list[Token], ok: bool) -> Mailbox | None:
     if lo == hi:
         return None
     start, end = toks[lo][1], toks[hi - 1][2]
+    while value[end - 1] in " \t\r\n":  # an unterminated comment took the blanks too
+        end -= 1
     sig = [t for t in toks[lo:hi] if _is_sig(t)]
     if not sig and all(t[3] for t in toks[lo:hi]):
         return None  # only comments: an empty obs-addr-list element
+    # An unterminated comment or quote anywhere makes the element invalid:
+    # what it swallowed may still be shown to recipients.
+    ok = ok and all(t[3] for t in toks[lo:hi])
     parsed = _parse_mailbox(value, sig) if ok else None
     if parsed is None:
         return Mailbox(_invalid(value, start, end), start, end)
@@ -268,8 +273,6 @@ def _mailbox(value: str, toks: list[Token], ok: bool) -> Mailbox | None:
 
 def _parse_mailbox(value: str, sig: list[Token]) -> tuple[str, str, str | None] | None:
     """`(local, domain, display)` for a well-formed mailbox, else None."""
-    if not all(t[3] for t in sig):
-        return None
     lt = [i for i, t in enumerate(sig) if _is_char(value, t, "<")]
     if not lt:
         spec = _addr_spec(value, sig)
