@@ -342,6 +342,25 @@ def _parse_mailbox(value: str, sig: list[Token]) -> tuple[str, str, str | None] 
     return None if spec is None else (spec[0], spec[1], display)
 
 
+def _medium(value: str, pos: int) -> tuple[Mailbox, int] | None:
+    """The tier-2 regex at `pos`: the mailbox and where its separator ends, or None."""
+    m = _MEDIUM.match(value, pos)
+    if m is None:
+        return None
+    local = m.group("l1") or m.group("l2")
+    domain = m.group("d1") or m.group("d2")
+    if _MREFUSE.search(local) is not None or _MREFUSE.search(domain) is not None:
+        return None  # the tokenizer knows how to refuse these
+    start, end = m.span("mb")
+    while value[end - 1] in " \t\r\n":
+        end -= 1
+    domain = _mclean(domain).removesuffix(".")
+    address = Address(
+        _mclean(local), normalize_domain(domain), value[start:end], m.group("display"), True
+    )
+    return Mailbox(address, start, end), m.end()
+
+
 def _slow_item(value: str, pos: int, items: list[Item]) -> int:
     """Parse one top-level element (a mailbox or a whole group) from `pos`.
 
@@ -366,6 +385,18 @@ def _slow_item(value: str, pos: int, items: list[Item]) -> int:
         ok = True
 
     while pos < n:
+        if group is not None and not toks:
+            # A group member: the regex tier handles the usual shapes here too.
+            found = _medium(value, pos)
+            if found is not None:
+                group[3].append(found[0])
+                pos = found[1]
+                if value[pos - 1] != ";":
+                    continue
+                display, gstart, _, members = group
+                items.append(Group(display, tuple(members), gstart, pos))
+                sep = _GROUP_TAIL.match(value, pos)
+                return sep.end() if sep is not None else pos
         tok = _next_token(value, pos)
         pos = tok[2]
         if tok[0] == _SPECIAL:
@@ -417,7 +448,6 @@ def parse_address_list(value: str) -> list[Item]:
     n = len(value)
     pos = 0
     fast = _FAST.match
-    medium = _MEDIUM.match
     while pos < n:
         m = fast(value, pos)
         if m is not None and "=?" not in m.group("mb"):
@@ -429,25 +459,11 @@ def parse_address_list(value: str) -> list[Item]:
             items.append(Mailbox(address, start, end))
             pos = m.end()
             continue
-        m = medium(value, pos)
-        if m is not None:
-            local = m.group("l1") or m.group("l2")
-            domain = m.group("d1") or m.group("d2")
-            if _MREFUSE.search(local) is None and _MREFUSE.search(domain) is None:
-                start, end = m.span("mb")
-                while value[end - 1] in " \t\r\n":
-                    end -= 1
-                domain = _mclean(domain).removesuffix(".")
-                address = Address(
-                    _mclean(local),
-                    normalize_domain(domain),
-                    value[start:end],
-                    m.group("display"),
-                    True,
-                )
-                items.append(Mailbox(address, start, end))
-                pos = m.end()
-                continue
+        found = _medium(value, pos)
+        if found is not None:
+            items.append(found[0])
+            pos = found[1]
+            continue
         pos = _slow_item(value, pos, items)
     return items
 
