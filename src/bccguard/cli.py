@@ -179,10 +179,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         out_block = parse_header(outcome.message)
         result["headers"] = outcome.message[: out_block.body_offset].decode("utf-8", "surrogateescape")
     if args.json:
+        text = json.dumps(result, ensure_ascii=False)
         try:
-            print(json.dumps(result, ensure_ascii=False))
+            text.encode("utf-8")
         except UnicodeEncodeError:  # undecodable 8-bit bytes in the message: escape, stay valid JSON
-            print(json.dumps(result, ensure_ascii=True))
+            text = json.dumps(result, ensure_ascii=True)
+        print(text)
     else:
         _print_human(result, len(rcpts))
     return EX_CHANGED if v.changes_message else EX_OK
