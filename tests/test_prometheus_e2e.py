@@ -21,6 +21,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 import yaml
 from aiosmtpd.controller import Controller
+from structlog.testing import capture_logs
 
 from bccguard.app import App
 from bccguard.config import from_dict
@@ -302,7 +304,8 @@ async def test_dashboard_and_alert_expressions_against_real_prometheus(
     await asyncio.to_thread(wait_for, lambda: scraped_messages() == 0, "first scrape", 30)
     await asyncio.to_thread(wait_for, lambda: relay.readiness()[0], "relay ready", 30)
 
-    codes = await traffic(relay.port)
+    with capture_logs() as logs:
+        codes = await traffic(relay.port)
     total = sum(len(v) for v in codes.values())
     await asyncio.to_thread(Path(relay.config_path or "").write_text, "[server]\nlisten = 42\n")
     assert await relay.reload() is False
@@ -322,6 +325,11 @@ async def test_dashboard_and_alert_expressions_against_real_prometheus(
     assert count("audit", "newsletter") == 2
     assert count("tempfail", "default") == 8
     assert len(sink[0].accepted) == 10 + 30 + 2
+    # ... and with the one log line per message: same action, same rule (issue 3)
+    logged = Counter((e["action"], e["rule"]) for e in logs if e["event"] == "message_processed")
+    assert sum(logged.values()) == total
+    for (action, rule), n in logged.items():
+        assert count(action, rule) == n, (action, rule)
 
     # Blocking HTTP from here on runs in a thread: the relay shares this event loop.
     problems = await asyncio.to_thread(check_expressions, base, target)
