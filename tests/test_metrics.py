@@ -164,7 +164,7 @@ def test_unknown_action_is_refused(metrics):
 
 
 def test_action_enum_members_are_accepted(registry, metrics):
-    from bccguard.policy.model import Action  # noqa: PLC0415 (keeps the point of the test local)
+    from bccguard.policy.model import Action
 
     msg(metrics, Action.SPLIT, "hr")
     assert val(registry, "bccguard_messages_total", action="split", rule="hr") == 1

@@ -279,9 +279,7 @@ class Relay:
                     message,
                     sender=env.mail_from,
                     reporting_mta=rt.config.server.hostname,
-                    failures=[
-                        Failure(r, _status(rep), f"{rep.code} {rep.text}") for r, rep in perm
-                    ],
+                    failures=[Failure(r, _status(rep), f"{rep.code} {rep.text}") for r, rep in perm],
                     explanation="Your message could not be delivered to the recipients below.",
                 )
                 await asyncio.to_thread(

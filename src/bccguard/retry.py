@@ -7,6 +7,7 @@ mid-way repeats at most the one copy whose 250 it had not yet recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -36,10 +37,8 @@ class Retrier:
                 raise
             except Exception as exc:  # keep the spool moving whatever one entry does
                 self.rt.log.error("spool_runner_failed", exc_info=exc)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.tick)
-            except TimeoutError:
-                pass
             self._wake.clear()
 
     @property
@@ -95,7 +94,9 @@ class Retrier:
     async def _defer(self, entry: SpoolEntry, message: bytes, error: str) -> None:
         spool = self.rt.spool
         if spool.expired(entry):
-            await self._fail(entry, message, list(entry.rcpt_tos), f"451 4.4.7 expired after retries: {error}")
+            await self._fail(
+                entry, message, list(entry.rcpt_tos), f"451 4.4.7 expired after retries: {error}"
+            )
             return
         updated = await asyncio.to_thread(spool.reschedule, entry.id, error)
         self.rt.log.info("spool_deferred", spool_id=entry.id, attempts=updated.attempts, error=error)

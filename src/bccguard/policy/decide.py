@@ -50,10 +50,7 @@ def decide(envelope: Envelope, visible: Sequence[Address], policy: PolicyConfig)
             if cls is AddressClass.CONSUMER:
                 consumer.add(spec)
     external_rcpts = sum(1 for r in envelope.rcpt_tos if classify_rcpt(r, settings).is_external)
-    too_many = (
-        len(external) > settings.max_visible_external
-        or len(consumer) > settings.max_visible_consumer
-    )
+    too_many = len(external) > settings.max_visible_external or len(consumer) > settings.max_visible_consumer
     exposure = external_rcpts > 0 and too_many
     common = {
         "rule": rule,
@@ -69,7 +66,11 @@ def decide(envelope: Envelope, visible: Sequence[Address], policy: PolicyConfig)
     reason = exposure_reason(len(external), len(consumer), settings)
     if action is Action.AUDIT:
         return Verdict(
-            action=action, would=Action.REWRITE, hidden=len(external), reason=reason, **common  # type: ignore[arg-type]
+            action=action,
+            would=Action.REWRITE,
+            hidden=len(external),
+            reason=reason,
+            **common,  # type: ignore[arg-type]
         )
     hidden = len(external) if action in (Action.REWRITE, Action.SPLIT) else 0
     return Verdict(action=action, hidden=hidden, reason=reason, **common)  # type: ignore[arg-type]
