@@ -280,7 +280,7 @@ def test_ops_endpoints(ops, metrics):
 
 def test_stop_means_no_more_answers_even_on_an_open_connection(metrics):
     """A stopped relay must look down to Prometheus, which reuses its scrape connection."""
-    import http.client  # noqa: PLC0415
+    import http.client
 
     server = OpsServer("127.0.0.1:0", metrics, lambda: (True, ""))
     server.start()

@@ -1,13 +1,14 @@
 """A real Prometheus scrapes a real relay; every dashboard and alert expression is asked of it.
 
-The relay (`bccguard.app.App`, in-process) listens on loopback and forwards
-to an aiosmtpd sink that refuses `defer*` recipients with 451 and `bounce*`
-with 550, so upstream failures happen for real, not by patching. Prometheus
-loads the shipped `alerts.yml` through a config derived from the shipped
-`prometheus.yml` (scrape and evaluation every second). After a known mix of
-mail, each PromQL expression from `bccguard.json` and `alerts.yml` is sent
-to `/api/v1/query`: it must be valid, and the ones the traffic should
-light up must return data.
+The relay (`bccguard.app.App`, in-process, via conftest's `start_relay`) listens on
+loopback and forwards to conftest's recording `Sink`, told to refuse one recipient
+with 451 and another with 550, and for a few messages to answer DATA slowly: upstream
+failures and latency happen for real, not by patching. Prometheus loads the shipped
+`alerts.yml` through a config derived from the shipped `prometheus.yml` (scrape and
+evaluation every second). After a known mix of mail over SMTP, each PromQL expression
+from `bccguard.json` and `alerts.yml` is sent to `/api/v1/query`: every one must be
+valid, every dashboard query must return data, and exactly the alerts this traffic
+should trip must hold (and be pending in Prometheus' own rule evaluation).
 """
 
 from __future__ import annotations
@@ -22,18 +23,16 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from aiosmtpd.controller import Controller
 from structlog.testing import capture_logs
 
 from bccguard.app import App
-from bccguard.config import from_dict
 from observability_helpers import (
     ALERTS,
     PROM_CONFIG,
@@ -42,6 +41,7 @@ from observability_helpers import (
     require_tool,
     to_promql,
 )
+from sink import Sink
 
 pytestmark = pytest.mark.prometheus
 
@@ -58,6 +58,7 @@ EXPECTED_FIRING = {
     "BccguardExposureSpike",  # 30 exposures from rule "marketing"
     "BccguardQuarantineGrowing",  # 22 messages held
     "BccguardConfigReloadFailed",  # one reload of a broken file
+    "BccguardLatencyHigh",  # SLOW_MESSAGES answered after SLOW_DATA seconds
 }
 
 
@@ -67,46 +68,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Sink:
-    """Upstream MTA stand-in: answers per recipient, keeps what it accepted."""
-
-    def __init__(self) -> None:
-        self.accepted: list[tuple[str, list[str]]] = []
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          rcpt_options: list[str]) -> str:
-        local = address.partition("@")[0]
-        if local.startswith("defer"):
-            return "451 4.3.0 Try again later"
-        if local.startswith("bounce"):
-            return "550 5.1.1 No such user"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.accepted.append((envelope.mail_from, list(envelope.rcpt_tos)))
-        return "250 2.0.0 Ok: queued"
+DEFER, BOUNCE = "defer@corp.example", "bounce@corp.example"
+SLOW_DATA = 5.5  # seconds; > the 5 s threshold of BccguardLatencyHigh
+SLOW_MESSAGES = 6  # of ~60 upstream transactions: above the 5% a p95 needs
 
 
-@pytest.fixture
-def sink() -> Iterator[tuple[Sink, int]]:
-    handler = Sink()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield handler, port
-    controller.stop()
-
-
-def relay_config(tmp_path: Path, upstream_port: int) -> dict[str, Any]:
+def relay_extra() -> dict[str, Any]:
+    """On top of conftest's relay config: ops endpoint on, one rule per action."""
     return {
-        "server": {"listen": "127.0.0.1:0", "hostname": "relay.test"},
-        "upstream": {"url": f"smtp://127.0.0.1:{upstream_port}", "timeout": 10.0},
-        "quarantine": {"path": str(tmp_path / "quarantine")},
-        "spool": {"path": str(tmp_path / "spool")},
+        "upstream": {"timeout": 15.0},
         "metrics": {"listen": "127.0.0.1:0"},
         "policy": {
-            "internal_domains": ["corp.example"],
             "max_visible_external": 2,
             "action": "rewrite",
             "rules": [
@@ -120,16 +92,14 @@ def relay_config(tmp_path: Path, upstream_port: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def relay(tmp_path: Path, sink: tuple[Sink, int]) -> AsyncIterator[App]:
+async def observed_relay(sink: Sink, start_relay: Any, tmp_path: Path) -> App:
+    sink.rcpt_replies.update({DEFER: "451 4.3.0 Try again later", BOUNCE: "550 5.1.1 No such user"})
+    app: App = await start_relay(sink.url, relay_extra())
+    # a file to reload from, so a failed reload can be shown (start_relay passes no path)
     config_file = tmp_path / "bccguard.toml"
-    config_file.write_text("# replaced by the test when it exercises a failed reload\n")
-    app = App(from_dict(relay_config(tmp_path, sink[1]), source="test"),
-              config_path=str(config_file))
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop(timeout=5)
+    config_file.write_text("# replaced by the test\n")
+    app.config_path = str(config_file)
+    return app
 
 
 @pytest.fixture
@@ -222,7 +192,7 @@ def send(port: int, mail_from: str, rcpts: list[str], to_header: list[str]) -> i
         return int(code)
 
 
-async def traffic(port: int) -> dict[str, list[int]]:
+async def traffic(port: int, sink: Sink) -> dict[str, list[int]]:
     """The mix the issue asks for: passing, rewritten, rejected, quarantined, upstream-failed."""
     plan: list[tuple[str, str, list[str], list[str], int]] = []
     internal = ["bob@corp.example"]
@@ -237,16 +207,23 @@ async def traffic(port: int) -> dict[str, list[int]]:
     for i in range(2):
         plan.append(("audit", f"n{i}@news.corp.example", EXPOSED_TO, EXPOSED_TO, 250))
     for i in range(8):
-        plan.append(("tempfail", f"a{i}@corp.example", ["defer@corp.example"],
-                     ["defer@corp.example"], 451))
+        plan.append(("tempfail", f"a{i}@corp.example", [DEFER], [DEFER], 451))
     for i in range(3):
-        plan.append(("upstream 5xx", f"b{i}@corp.example", ["bounce@corp.example"],
-                     ["bounce@corp.example"], 550))
+        plan.append(("upstream 5xx", f"b{i}@corp.example", [BOUNCE], [BOUNCE], 550))
     codes: dict[str, list[int]] = {}
     for kind, frm, rcpts, to, expected in plan:
         code = await asyncio.to_thread(send, port, frm, rcpts, to)
         assert code == expected, (kind, code)
         codes.setdefault(kind, []).append(code)
+    # a slow upstream: these pass, but each DATA takes SLOW_DATA seconds (sent concurrently)
+    sink.data_delay = SLOW_DATA
+    slow = await asyncio.gather(*(
+        asyncio.to_thread(send, port, f"s{i}@corp.example", internal, internal)
+        for i in range(SLOW_MESSAGES)
+    ))
+    sink.data_delay = 0.0
+    assert slow == [250] * SLOW_MESSAGES
+    codes["slow pass"] = slow
     return codes
 
 
@@ -291,8 +268,9 @@ def check_expressions(base: str, target: str) -> list[str]:
 
 
 async def test_dashboard_and_alert_expressions_against_real_prometheus(
-    relay: App, sink: tuple[Sink, int], prometheus: Any, tmp_path: Path,
+    observed_relay: App, sink: Sink, prometheus: Any,
 ) -> None:
+    relay = observed_relay
     target = f"127.0.0.1:{relay.ops.port}"
     base = await asyncio.to_thread(prometheus, target)
 
@@ -305,7 +283,7 @@ async def test_dashboard_and_alert_expressions_against_real_prometheus(
     await asyncio.to_thread(wait_for, lambda: relay.readiness()[0], "relay ready", 30)
 
     with capture_logs() as logs:
-        codes = await traffic(relay.port)
+        codes = await traffic(relay.port, sink)
     total = sum(len(v) for v in codes.values())
     await asyncio.to_thread(Path(relay.config_path or "").write_text, "[server]\nlisten = 42\n")
     assert await relay.reload() is False
@@ -318,13 +296,14 @@ async def test_dashboard_and_alert_expressions_against_real_prometheus(
     def count(action: str, rule: str) -> float | None:
         return reg.get_sample_value("bccguard_messages_total", {"action": action, "rule": rule})
 
-    assert count("pass", "default") == 10 + 3  # upstream 5xx is still a passed message
+    # upstream 5xx is still a passed message (the upstream's refusal is relayed as is)
+    assert count("pass", "default") == 10 + 3 + SLOW_MESSAGES
     assert count("rewrite", "marketing") == 30
     assert count("reject", "legal") == 3
     assert count("quarantine", "hr") == 22
     assert count("audit", "newsletter") == 2
     assert count("tempfail", "default") == 8
-    assert len(sink[0].accepted) == 10 + 30 + 2
+    assert len(sink.messages) == 10 + 30 + 2 + SLOW_MESSAGES
     # ... and with the one log line per message: same action, same rule (issue 3)
     logged = Counter((e["action"], e["rule"]) for e in logs if e["event"] == "message_processed")
     assert sum(logged.values()) == total
