@@ -179,7 +179,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         out_block = parse_header(outcome.message)
         result["headers"] = outcome.message[: out_block.body_offset].decode("utf-8", "surrogateescape")
     if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        try:
+            print(json.dumps(result, ensure_ascii=False))
+        except UnicodeEncodeError:  # undecodable 8-bit bytes in the message: escape, stay valid JSON
+            print(json.dumps(result, ensure_ascii=True))
     else:
         _print_human(result, len(rcpts))
     return EX_CHANGED if v.changes_message else EX_OK
