@@ -29,6 +29,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
 
 
+@pytest.mark.prometheus
 @pytest.mark.parametrize(
     "args",
     [("check", "rules", str(ALERTS)), ("check", "config", str(PROM_CONFIG)),
