@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import re
 import socket
 import tomllib
 import typing
@@ -423,6 +424,8 @@ def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str])
 
 
 _RULE_KEYS = {"name", "senders"}
+# Rule names become metric label values and log fields: a closed, boring alphabet.
+RULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
@@ -444,6 +447,10 @@ def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
         if not isinstance(name, str) or not name:
             problems.append(f'{where}.name: missing (fix: name = "marketing")')
             name = f"rule{i}"
+        elif not RULE_NAME_RE.fullmatch(name):
+            problems.append(
+                f"{where}.name: {name!r} is not a rule name (fix: letters, digits, '_', '.', '-'; at most 64)"
+            )
         elif name in seen:
             problems.append(f"{where}.name: {name!r} is used twice (fix: give each rule its own name)")
         seen.add(name)
