@@ -342,3 +342,13 @@ async def test_unexpected_error_is_a_451_with_a_logged_traceback(
     assert failed and isinstance(failed[0]["exc_info"], RuntimeError)
     assert [e["action"] for e in logs if e["event"] == "message_processed"] == ["tempfail"]
     assert delivered(sink) == []
+
+
+async def test_a_huge_to_line_is_inspected_and_rewritten(relay: App, sink: Sink) -> None:
+    """5,000 addresses (~120 KB of header) take the worker-thread path and still come out clean."""
+    crowd = [f"member{i}@clients.example" for i in range(5000)]
+    data = message(crowd)
+    assert data.find(b"\r\n\r\n") > 64 * 1024
+    await send(relay.port, "news@corp.example", crowd[:3], data)
+    head = delivered(sink)[0].data.partition(b"\r\n\r\n")[0]
+    assert b"clients.example" not in head and b"hidden=5000" in head
