@@ -58,11 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="dry-run one message: print what the relay would do, send nothing",
         description="Exit 0: would go out unchanged; 1: would be changed, held or refused; 2: bad input.",
     )
-    check.add_argument("file", metavar="FILE.eml", help="the message (RFC 5322, CRLF or LF line endings); - for stdin")
+    check.add_argument(
+        "file", metavar="FILE.eml", help="the message (RFC 5322, CRLF or LF line endings); - for stdin"
+    )
     _config_arg(check)
     check.add_argument("--mail-from", metavar="A", help="envelope sender (default: the From address)")
     check.add_argument(
-        "--rcpt", metavar="A", action="append", default=None,
+        "--rcpt",
+        metavar="A",
+        action="append",
+        default=None,
         help="envelope recipient, repeatable (default: every To, Cc and Bcc address)",
     )
     check.add_argument("--json", action="store_true", help="print one JSON object")
@@ -121,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
-    from bccguard import review  # noqa: PLC0415 - serve and check need none of it
+    from bccguard import review  # lazy: serve and check need none of it
 
     cfg = load(args.config)
     try:
@@ -188,10 +193,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     except OSError as exc:
-        print(f"bccguard: cannot read {args.file}: {exc.strerror} (fix: pass an existing .eml file)", file=sys.stderr)
+        print(
+            f"bccguard: cannot read {args.file}: {exc.strerror} (fix: pass an existing .eml file)",
+            file=sys.stderr,
+        )
         return EX_USAGE
     if not data.strip():
-        print(f"bccguard: {args.file} is empty (fix: pass a whole message, headers and body)", file=sys.stderr)
+        print(
+            f"bccguard: {args.file} is empty (fix: pass a whole message, headers and body)", file=sys.stderr
+        )
         return EX_USAGE
     block = parse_header(data)
     if not block.fields:
@@ -207,7 +217,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             dict.fromkeys(a.addr_spec for a in header_recipients(block, ("to", "cc", "bcc")) if a.valid)
         )
     if not rcpts:
-        print("bccguard: no envelope recipients (fix: pass --rcpt, or give the message To/Cc/Bcc)", file=sys.stderr)
+        print(
+            "bccguard: no envelope recipients (fix: pass --rcpt, or give the message To/Cc/Bcc)",
+            file=sys.stderr,
+        )
         return EX_USAGE
     env = Envelope(mail_from=mail_from, rcpt_tos=tuple(rcpts), smtputf8=not data.isascii())
     outcome = evaluate(data, env, cfg.policy)
@@ -228,7 +241,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         out_block = parse_header(outcome.message)
         result["headers"] = outcome.message[: out_block.body_offset].decode("utf-8", "surrogateescape")
     if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        text = json.dumps(result, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable 8-bit bytes in the message: escape, stay valid JSON
+            text = json.dumps(result, ensure_ascii=True)
+        print(text)
     else:
         _print_human(result, len(rcpts))
     return EX_CHANGED if v.changes_message else EX_OK
@@ -245,10 +263,11 @@ def _print_human(r: dict[str, Any], n_rcpts: int) -> None:
     }[r["action"]]
     print(f"action:   {r['action']} ({verb})")
     print(f"rule:     {r['rule']}")
-    print(f"exposure: {'yes' if r['exposure'] else 'no'}"
-          + (f" - {r['reason']}" if r["reason"] else ""))
-    print(f"visible:  {r['visible']} distinct addresses, {len(r['visible_external'])} external, "
-          f"{r['visible_consumer']} personal mailboxes; {n_rcpts} envelope recipients")
+    print(f"exposure: {'yes' if r['exposure'] else 'no'}" + (f" - {r['reason']}" if r["reason"] else ""))
+    print(
+        f"visible:  {r['visible']} distinct addresses, {len(r['visible_external'])} external, "
+        f"{r['visible_consumer']} personal mailboxes; {n_rcpts} envelope recipients"
+    )
     if r["hidden"]:
         print(f"hidden:   {r['hidden']}")
     if "headers" in r:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import re
 import socket
 import tomllib
 import typing
@@ -107,10 +108,10 @@ def _consumer(value: str | list[str]) -> frozenset[str]:
     if not isinstance(value, str | list) or (
         isinstance(value, list) and not all(isinstance(v, str) for v in value)
     ):
-        raise ValueError(f"expected \"builtin\" or a list of domains, got {_describe(value)}")
+        raise ValueError(f'expected "builtin" or a list of domains, got {_describe(value)}')
     if isinstance(value, str):
         if value != "builtin":
-            raise ValueError(f"{value!r} is neither \"builtin\" nor a list of domains")
+            raise ValueError(f'{value!r} is neither "builtin" nor a list of domains')
         return builtin_consumer_domains()
     names = [v for v in value if v != "builtin"]
     base = builtin_consumer_domains() if len(names) != len(value) else frozenset()
@@ -209,7 +210,7 @@ class QuarantineConfig:
 def parse_duration(value: str | int | float) -> float:
     """'90s', '15m', '1h', '5d' or plain seconds -> seconds."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration like \"15m\"")
+        raise ValueError('expected a duration like "15m"')
     if isinstance(value, int | float):
         seconds = float(value)
     else:
@@ -220,7 +221,7 @@ def parse_duration(value: str | int | float) -> float:
         try:
             seconds = float(num) * (mult or 1)
         except ValueError:
-            raise ValueError(f"{value!r} is not a duration like \"15m\", \"1h\" or \"5d\"") from None
+            raise ValueError(f'{value!r} is not a duration like "15m", "1h" or "5d"') from None
     if seconds <= 0:
         raise ValueError(f"{value!r} is not a positive duration")
     return seconds
@@ -289,9 +290,11 @@ class LoggingConfig:
     level: str = field(
         default="info",
         metadata=_check(
-            lambda v: v.lower()
-            if v.lower() in ("debug", "info", "warning", "error")
-            else _raise(f"{v!r} is not a level"),
+            lambda v: (
+                v.lower()
+                if v.lower() in ("debug", "info", "warning", "error")
+                else _raise(f"{v!r} is not a level")
+            ),
             'one of "debug", "info", "warning", "error"',
         ),
     )
@@ -457,6 +460,8 @@ def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str])
 
 
 _RULE_KEYS = {"name", "senders"}
+# Rule names become metric label values and log fields: a closed, boring alphabet.
+RULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
@@ -478,31 +483,29 @@ def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
         if not isinstance(name, str) or not name:
             problems.append(f'{where}.name: missing (fix: name = "marketing")')
             name = f"rule{i}"
+        elif not RULE_NAME_RE.fullmatch(name):
+            problems.append(
+                f"{where}.name: {name!r} is not a rule name (fix: letters, digits, '_', '.', '-'; at most 64)"
+            )
         elif name in seen:
             problems.append(f"{where}.name: {name!r} is used twice (fix: give each rule its own name)")
         seen.add(name)
         senders = raw.get("senders")
-        if not isinstance(senders, list) or not senders or not all(
-            isinstance(s, str) and s for s in senders
-        ):
+        if not isinstance(senders, list) or not senders or not all(isinstance(s, str) and s for s in senders):
             problems.append(
-                f'{where}.senders: expected a non-empty list of patterns '
+                f"{where}.senders: expected a non-empty list of patterns "
                 f'(fix: senders = ["*@marketing.corp.example"])'
             )
             senders = []
         overrides = {k: v for k, v in raw.items() if k not in _RULE_KEYS}
         for k in list(overrides):
             if k not in setting_names:
-                problems.append(
-                    f"{where}.{k}: unknown key ({_suggest(k, setting_names | _RULE_KEYS)})"
-                )
+                problems.append(f"{where}.{k}: unknown key ({_suggest(k, setting_names | _RULE_KEYS)})")
                 del overrides[k]
         sub = _build(PolicySettings, overrides, f"{where}.", problems)
         if sub is None:
             continue
-        merged = dataclasses.replace(
-            defaults, **{k: getattr(sub, k) for k in overrides}
-        )
+        merged = dataclasses.replace(defaults, **{k: getattr(sub, k) for k in overrides})
         rules.append(Rule(name=name, senders=tuple(s.lower() for s in senders), settings=merged))
     return PolicyConfig(defaults=defaults, rules=tuple(rules))
 
@@ -528,9 +531,7 @@ def _cross_checks(cfg: Config, source: str) -> None:
     problems = []
     tls = cfg.server.tls
     if bool(tls.cert) != bool(tls.key):
-        problems.append(
-            "server.tls: cert and key go together (fix: set both paths, or neither)"
-        )
+        problems.append("server.tls: cert and key go together (fix: set both paths, or neither)")
     if tls.require_tls and not tls.cert:
         problems.append("server.tls.require_tls: needs server.tls.cert and key")
     for label, p in (("server.tls.cert", tls.cert), ("server.tls.key", tls.key)):
