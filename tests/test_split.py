@@ -153,3 +153,52 @@ async def test_reply_to_guard_on_split_and_rewrite(start_relay: StartRelay, sink
     sink.messages.clear()
     await asyncio.to_thread(data_reply, rewrite.port, "news@corp.example", customers, message(customers))
     assert field(head(sink.messages[0]), b"Reply-To") == b"Marketing <news@corp.example>"
+
+
+def test_plan_split_pure_cases() -> None:
+    """Envelope vs header spelling (case, IDN) keeps the display name; a Bcc-only one gets its address."""
+    from bccguard.config import from_dict
+    from bccguard.policy.engine import evaluate
+    from bccguard.policy.model import Envelope
+    from bccguard.policy.split import render
+
+    policy = from_dict({"policy": {"internal_domains": ["corp.example"], "action": "split",
+                                   "max_visible_external": 1}}).policy
+    data = (
+        "From: M <news@corp.example>\r\nTo: Bob <Bob@Bücher.example>, x@clients.example\r\n"
+        "Cc: Boss <boss@corp.example>, y@clients.example\r\nMessage-ID: <p@corp.example>\r\n\r\nhi\r\n"
+    ).encode()
+    env = Envelope("news@corp.example", ("bob@xn--bcher-kva.example", "x@clients.example",
+                                          "hidden@bcc.example", "x@clients.example", "boss@corp.example"))
+    out = evaluate(data, env, policy)
+    assert out.split is not None
+    assert [(c.rcpts, c.to) for c in out.split.copies] == [
+        (("bob@xn--bcher-kva.example",), "Bob <Bob@Bücher.example>"),
+        (("x@clients.example",), "x@clients.example"),
+        (("hidden@bcc.example",), "hidden@bcc.example"),  # Bcc'd: To is just them
+        (("boss@corp.example",), None),
+    ]
+    spec = out.split.render_json()
+    assert render(data, spec, None) == out.message  # the shared copy is the engine's rewrite
+    copy = render(data, spec, "hidden@bcc.example")
+    assert b"To: hidden@bcc.example\r\nCc: Boss <boss@corp.example>\r\n" in copy
+    assert b"clients.example" not in copy and "Bücher".encode() not in copy
+
+
+def test_issue4_series_exist_at_zero() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from bccguard.ops.metrics import NOTICE_RESULTS, RELEASE_RESULTS, SPLIT_COPY_EVENTS, SPOOL_KINDS, Metrics
+
+    r = CollectorRegistry()
+    Metrics(r, rules=[], version="t")
+    for name, label, values in (
+        ("bccguard_spool_retries_total", "kind", SPOOL_KINDS),
+        ("bccguard_split_copies_total", "event", SPLIT_COPY_EVENTS),
+        ("bccguard_quarantine_releases_total", "result", RELEASE_RESULTS),
+        ("bccguard_notices_total", "result", NOTICE_RESULTS),
+    ):
+        for v in values:
+            assert r.get_sample_value(name, {label: v}) == 0, (name, v)
+    assert r.get_sample_value("bccguard_spool_entries") == 0
+    assert r.get_sample_value("bccguard_spool_copies") == 0
