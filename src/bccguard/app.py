@@ -218,14 +218,22 @@ class App:
     # ------------------------------------------------------------ main
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        await self.start()
+        # Handlers first: start() sends READY=1, and systemd may send SIGTERM the
+        # moment it sees it; with the default action that would kill us mid-start.
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        try:
+            await self.start()
+        except BaseException:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            raise
         try:
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
             await self.stop()
         return 0
