@@ -121,3 +121,40 @@ async def test_sigterm_lets_the_message_in_flight_finish(tmp_path: Path) -> None
     with pytest.raises(OSError):
         smtplib.SMTP("127.0.0.1", proc.port, timeout=2)
     assert b"@" not in logs
+
+
+async def test_a_second_sigterm_cuts_the_drain_short_and_still_exits_0(tmp_path: Path) -> None:
+    sink = Sink(data_delay=20.0)  # an upstream far slower than anyone wants to wait for
+    await sink.start()
+    try:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            '[server]\nlisten = "127.0.0.1:0"\nshutdown_timeout = 60.0\n[metrics]\nlisten = ""\n'
+            f'[upstream]\nurl = "smtp://127.0.0.1:{sink.port}"\n'
+        )
+        proc = await asyncio.to_thread(Proc, tmp_path, cfg)
+
+        def send() -> tuple[int, bytes] | str:
+            try:
+                with smtplib.SMTP("127.0.0.1", proc.port, timeout=30) as c:
+                    c.ehlo("client.test")
+                    c.mail("news@corp.example")
+                    c.rcpt("alice@clients.example")
+                    return c.data(message(["alice@clients.example"]))
+            except smtplib.SMTPServerDisconnected as exc:
+                return f"disconnected: {exc}"
+
+        sending = asyncio.create_task(asyncio.to_thread(send))
+        deadline = time.monotonic() + 10
+        while not sink.verbs.count("DATA") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        proc.p.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert proc.p.poll() is None  # draining: waiting for the message in flight
+        proc.p.send_signal(signal.SIGTERM)
+        code, _ = await asyncio.to_thread(proc.finish, 15)
+        outcome = await sending
+    finally:
+        await sink.stop()
+    assert code == 0
+    assert isinstance(outcome, str) and outcome.startswith("disconnected")  # no 250: the client retries

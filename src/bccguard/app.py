@@ -53,6 +53,7 @@ class App:
         self.retrier = Retrier(lambda: self.runtime)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()  # a second SIGTERM: stop draining now
         self._audit_offset = 0
         self.port = 0
 
@@ -169,7 +170,7 @@ class App:
             self.server.close()
         await asyncio.gather(*(s.shutdown() for s in list(self.sessions)), return_exceptions=True)
         deadline = time.monotonic() + timeout
-        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:  # noqa: ASYNC110 - a few flags, bounded by shutdown_timeout
+        while any(s.busy for s in self.sessions) and time.monotonic() < deadline and not self._force.is_set():  # noqa: ASYNC110 - a few flags, bounded by shutdown_timeout
             await asyncio.sleep(0.05)
         for s in list(self.sessions):
             if s.transport is not None:
@@ -232,10 +233,14 @@ class App:
             raise
         try:
             await self._stop.wait()
+            # A second SIGTERM/SIGINT during the drain cuts it short (like uvicorn's
+            # second Ctrl-C): sessions still in DATA got no 250, so their clients retry.
+            loop.add_signal_handler(signal.SIGTERM, self._force.set)
+            loop.add_signal_handler(signal.SIGINT, self._force.set)
+            await self.stop()
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
-            await self.stop()
         return 0
 
 
