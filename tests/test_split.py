@@ -6,6 +6,9 @@ import asyncio
 import re
 import smtplib
 from collections import Counter
+from pathlib import Path
+
+import pytest
 
 from bccguard.app import App
 from bccguard.policy.headers import parse_header
@@ -202,3 +205,72 @@ def test_issue4_series_exist_at_zero() -> None:
             assert r.get_sample_value(name, {label: v}) == 0, (name, v)
     assert r.get_sample_value("bccguard_spool_entries") == 0
     assert r.get_sample_value("bccguard_spool_copies") == 0
+
+
+async def test_split_bookkeeping_is_journal_lines_not_rewrites(
+    start_relay: StartRelay, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clean split never rewrites its entry; a deferral costs one rewrite for the pass."""
+    import bccguard.store.spool as spool_mod
+
+    rewrites: list[str] = []
+    real = spool_mod.atomic_write
+
+    def counting(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+        rewrites.append(path.name)
+        real(path, data, sync_dir=sync_dir)
+
+    monkeypatch.setattr(spool_mod, "atomic_write", counting)
+    app = await start_relay(sink.url, SPLIT)
+    customers = CUSTOMERS[:30]
+    await split_survey(app, customers=customers)
+    await eventually(lambda: app.runtime.spool.entries() == [], what="spool empty")
+    assert len(sink.messages) == 31 and rewrites == []
+    assert [p.name for p in app.runtime.spool.path.iterdir() if not p.name.startswith(".")] == []
+
+    sink.messages.clear()
+    sink.rcpt_replies = {customers[3]: "451 4.2.1 Mailbox busy"}
+    await split_survey(app, customers=customers)
+    await eventually(lambda: len(sink.messages) == 30, what="all but the busy copy")
+    await eventually(lambda: len(rewrites) == 1, what="the pass's one rewrite")
+    sink.rcpt_replies = {}
+    await eventually(lambda: app.runtime.spool.entries() == [], what="spool empty")
+    # one rewrite per pass that deferred the busy copy, however many copies went meanwhile
+    retries = app.metrics.registry.get_sample_value("bccguard_spool_retries_total", {"kind": "split"})
+    assert len(rewrites) == retries
+    assert Counter(r for m in sink.messages if m.reply.startswith("2") for r in m.rcpt_tos)[customers[3]] == 1
+
+
+async def test_copy_taken_in_part_never_goes_again_to_those_who_got_it(
+    start_relay: StartRelay, sink: Sink
+) -> None:
+    app = await start_relay(sink.url, SPLIT)
+    customers = CUSTOMERS[:5]
+    sink.rcpt_replies = {"boss@corp.example": "451 4.2.1 Mailbox busy"}
+    await split_survey(app, customers=customers)
+    await eventually(lambda: len(sink.messages) == 6, what="the first pass")
+    (entry,) = app.runtime.spool.entries()
+    assert entry.rcpt_tos == ("boss@corp.example",) and entry.copies[0].attempts == 1
+    sink.rcpt_replies = {}
+    await eventually(lambda: app.runtime.spool.entries() == [], what="spool empty")
+    got = Counter(r for m in sink.messages if m.reply.startswith("2") for r in m.rcpt_tos)
+    assert got == Counter([*customers, *INTERNAL])
+
+
+async def test_entry_whose_journal_names_every_copy_is_removed(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    """Left by a crash while the last copies were recorded: nothing goes, the entry goes."""
+    from bccguard.policy.split import CopySpec
+    from bccguard.store.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    specs = [CopySpec(rcpts=(c,), to=c) for c in CUSTOMERS[:2]]
+    eid = spool.put_split(survey(CUSTOMERS[:2]), "news@corp.example", specs, {"v": 1})
+    for c in spool.entry(eid).copies:
+        spool.delivered(eid, c)
+    app = await start_relay(sink.url, SPLIT)
+    await eventually(lambda: not (tmp_path / "spool" / f"{eid}.json").exists(), what="entry removed")
+    assert not (tmp_path / "spool" / f"{eid}.done").exists()
+    assert sink.messages == [] and app.runtime.spool.entries() == []

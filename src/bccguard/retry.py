@@ -1,9 +1,14 @@
 """Delivers what the spool holds: at start-up at once, then as each copy falls due.
 
 Entries are taken one at a time and their copies in order, one upstream
-transaction each. After every attempt the entry's pending list is written
-again (store/spool.py) before the next copy goes, so a relay killed
-mid-way repeats at most the one copy whose 250 it had not yet recorded.
+transaction each. Every copy the upstream takes is recorded before the
+next copy goes: one line appended to the entry's journal (store/spool.py),
+so a relay killed mid-way repeats at most the one copy whose 250 it had
+not yet recorded. What changes a copy's retry state (a deferral, a
+failure) is written once at the end of the entry's pass, in one rewrite
+of the entry: a crash before it loses nothing but the attempt count, and
+the copies are simply tried again. A copy the upstream took only in part
+is rewritten at once, since its accepted recipients must not go again.
 
 Failures, per copy: a 4xx or a broken connection reschedules it along
 `[spool] retry_schedule`; once the entry is older than `max_age`, or on a
@@ -126,11 +131,12 @@ class Retrier:
     async def _attempt(self, entry: SpoolEntry, *, force: bool) -> int:
         """Try the entry's due copies in order; returns how many copies are left.
 
-        A copy that fails for good is first marked failed in the entry (the
-        same one write), and all of the pass's failures then go into one DSN
-        before they are dropped: a 300-copy split with 40 bad addresses
-        gives the sender one report, not 40, and a crash in between repeats
-        the report rather than losing it.
+        A copy that fails for good is marked failed, and all of the pass's
+        failures then go into one DSN before they are dropped: a 300-copy
+        split with 40 bad addresses gives the sender one report, not 40. A
+        crash before the report is spooled leaves the copies pending (tried
+        again, refused again); after it, repeats the report rather than
+        losing it.
         """
         spool = self.rt.spool
         message = await asyncio.to_thread(spool.message, entry.id)
@@ -149,8 +155,17 @@ class Retrier:
                 data = render(message, entry.render, c.to, block=block)
                 new, down = await self._deliver(entry, c, data)
                 copies[k : k + 1] = new
-                # The one write that closes this copy's duplicate window.
-                await asyncio.to_thread(spool.update, entry.id, copies)
+                left = {r for x in new for r in x.rcpts}
+                if not new:
+                    # The one write that closes this copy's duplicate window (the
+                    # last copy's is the entry's removal, below).
+                    if copies:
+                        await asyncio.to_thread(spool.delivered, entry.id, c)
+                elif any(r not in left for r in c.rcpts):  # taken in part: record it now
+                    copies[:] = await asyncio.to_thread(spool.update, entry.id, copies)
+                    dirty = False
+                else:  # nothing delivered: the retry state can wait for the pass's one write
+                    dirty = True
             else:  # not tried: rescheduled with the rest, one write and one log line at the end
                 new = self._defer(entry, c, down, quiet=True)
                 copies[k : k + 1] = new
@@ -165,7 +180,7 @@ class Retrier:
             await self._bounce(entry, render(message, entry.render, None, block=block), failed)
             copies = [c for c in copies if not c.failed]
             dirty = True
-        if dirty:
+        if dirty or not copies:
             await asyncio.to_thread(spool.update, entry.id, copies)
         if not copies:
             self.rt.log.info("spool_entry_done", spool_id=entry.id, kind=entry.kind)

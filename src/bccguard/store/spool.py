@@ -10,11 +10,26 @@ retry state. Kinds:
 - "dsn":    a delivery report to a sender (from the null sender);
 - "notice": a sender notice (from the null sender).
 
-Entries are durable (see durable.py) before the client hears 250. After
-each copy the upstream accepts, the entry's pending list is rewritten in
-one atomic write (or the entry removed when nothing is left). So the only
-way a copy goes out twice is the relay dying between the upstream's 250 and
-that write: one write wide, at most one copy per crash.
+Entries are durable (see durable.py) before the client hears 250. Each
+copy carries `n`, its index in the entry's original copy list, and after
+each copy the upstream accepts one line naming it ("17\n") is appended to
+the entry's journal `<id>.done` and fsync'ed (or the entry is removed when
+nothing is left). So the only way a copy goes out twice is the relay dying
+between the upstream's 250 and that one small write: at most one copy per
+crash, and a 1,000-copy split writes ~4 KB of journal, not ~100 MB of JSON
+(bench/bench_spool.py).
+
+Reading an entry: the copies in `<id>.json` minus those its journal names.
+A torn last line (a crash mid-append) names nothing, so that copy is sent
+again: the same one-write window. When the JSON must change anyway
+(retry state, failures, a copy partly accepted), it is rewritten without
+the delivered copies first, atomically, and the journal removed after: a
+crash between leaves lines naming copies the JSON no longer has, which
+match nothing. A copy written without `n` gets a fresh one (`next_n` only
+grows, so never a number a stale line names), and a copy marked failed was
+never delivered, so no line applies to it (its retried remainder keeps the
+same `n`). Entries written before the journal (no `n`) are numbered by
+position, which holds until the first rewrite records the numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -30,12 +46,15 @@ from typing import Any
 
 from bccguard.policy.split import CopySpec
 from bccguard.store.durable import (
+    JOURNAL,
+    append_record,
     atomic_write,
     check_id,
     ensure_dir,
     list_ids,
     new_id,
     read_meta,
+    read_records,
     remove_entry,
     write_entry,
 )
@@ -43,6 +62,7 @@ from bccguard.store.durable import (
 DEFAULT_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0)  # then every hour, like an MTA
 DEFAULT_MAX_AGE = 5 * 24 * 3600.0
 KINDS = ("retry", "split", "dsn", "notice")
+_RECORD_RE = re.compile(rb"[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +77,13 @@ class Copy:
     # Given up ("5.1.1 550 5.1.1 User unknown": status, then the diagnostic):
     # kept until the DSN that reports it is spooled, then dropped.
     failed: str = ""
+    # What the journal names this copy by: its index in the entry's original
+    # list (a retried remainder keeps it). None: not yet written to an entry.
+    n: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "n": self.n,
             "rcpts": list(self.rcpts),
             "to": self.to,
             "attempts": self.attempts,
@@ -71,7 +95,9 @@ class Copy:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Copy:
         to = d.get("to")
+        n = d.get("n")
         return cls(
+            n=int(n) if n is not None else None,
             rcpts=tuple(str(r) for r in d["rcpts"]),
             to=str(to) if to is not None else None,
             attempts=int(d.get("attempts", 0)),
@@ -139,9 +165,11 @@ class Spool:
         render: dict[str, Any] | None,
     ) -> str:
         entry_id = new_id()
+        copies = [replace(c, n=i) for i, c in enumerate(copies)]
         meta = {
             "id": entry_id,
             "version": 2,
+            "next_n": len(copies),
             "kind": kind,
             "mail_from": mail_from,
             "created": time.time(),
@@ -190,15 +218,39 @@ class Spool:
             origin=origin, render=render,
         )  # fmt: skip
 
-    def update(self, entry_id: str, copies: Sequence[Copy]) -> None:
-        """Record what is still pending: one atomic write, or removal when nothing is."""
+    def update(self, entry_id: str, copies: Sequence[Copy]) -> list[Copy]:
+        """Rewrite what is still pending (one atomic write), or remove the entry when nothing is.
+
+        `copies` must not include delivered ones. The JSON goes first, then
+        the journal: its lines name copies no longer listed. A copy without
+        `n` gets a new one. Returns the copies as written.
+        """
         if not copies:
             self.done(entry_id)
-            return
+            return []
         m = read_meta(self.path, entry_id)
+        on_disk = m.get("copies")
+        next_n = int(m.get("next_n", len(on_disk) if isinstance(on_disk, list) else 1))
+        written = []
+        for c in copies:
+            written.append(c if c.n is not None else replace(c, n=next_n))
+            next_n += c.n is None
         m.pop("rcpt_tos", None)  # a version-1 entry becomes version 2 on its first update
-        m.update(version=2, copies=[c.to_json() for c in copies])
+        m.update(version=2, next_n=next_n, copies=[c.to_json() for c in written])
         atomic_write(self.path / f"{entry_id}.json", json.dumps(m, sort_keys=True).encode())
+        (self.path / f"{entry_id}{JOURNAL}").unlink(missing_ok=True)
+        return written
+
+    def delivered(self, entry_id: str, copy: Copy) -> None:
+        """The upstream took `copy`: one line appended to the journal and fsync'ed."""
+        if copy.n is None:
+            raise ValueError("a copy not read from the spool has no journal number")
+        append_record(self.path / f"{check_id(entry_id)}{JOURNAL}", b"%d\n" % copy.n)
+
+    def _journal(self, entry_id: str) -> set[int]:
+        """The copies the journal names; a torn or garbled line names none."""
+        done = read_records(self.path / f"{entry_id}{JOURNAL}")
+        return {int(r) for r in done if _RECORD_RE.fullmatch(r)}
 
     def done(self, entry_id: str) -> None:
         remove_entry(self.path, entry_id)
@@ -216,16 +268,20 @@ class Spool:
     def entry(self, entry_id: str) -> SpoolEntry:
         m = read_meta(self.path, entry_id)
         if "copies" in m:
-            copies = tuple(Copy.from_json(c) for c in m["copies"])
+            listed = [Copy.from_json(c) for c in m["copies"]]
         else:  # version 1 (before split): one copy, its state at the top level
-            copies = (
+            listed = [
                 Copy(
                     rcpts=tuple(m["rcpt_tos"]),
                     attempts=int(m.get("attempts", 0)),
                     next_attempt=float(m.get("next_attempt", 0.0)),
                     last_error=str(m.get("last_error", "")),
-                ),
-            )
+                )
+            ]
+        # Before the journal: numbered by position until the first rewrite records it.
+        listed = [c if c.n is not None else replace(c, n=i) for i, c in enumerate(listed)]
+        done = self._journal(entry_id)
+        copies = tuple(c for c in listed if c.failed or c.n not in done)
         render = m.get("render")
         return SpoolEntry(
             id=entry_id,
