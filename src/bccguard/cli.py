@@ -161,6 +161,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "hidden": v.hidden,
         "would": v.would.value if v.would else None,
         "reason": v.reason,
+        "signed": v.signed,
     }
     if args.show:
         out_block = parse_header(outcome.message)

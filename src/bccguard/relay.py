@@ -144,6 +144,8 @@ class Relay:
                 )
                 if v.would is not None:
                     log_fields["would"] = v.would.value
+                if v.signed:
+                    log_fields["dkim_signed"] = True
                 reply, upstream_fields = await self._act(outcome, env, session_id)
                 log_fields.update(upstream_fields)
                 if reply[0] == "4":
@@ -164,6 +166,8 @@ class Relay:
             size=len(content),
             inspect_seconds=inspect_s,
         )
+        if verdict is not None and verdict.signed:
+            rt.metrics.signed_message(action)
         rt.log.info(
             "message_processed",
             action=action,

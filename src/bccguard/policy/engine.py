@@ -12,6 +12,7 @@ from bccguard.config import PolicyConfig, PolicySettings
 from bccguard.policy.addresses import first_from, visible_recipients
 from bccguard.policy.classify import classify
 from bccguard.policy.decide import decide, select_rule
+from bccguard.policy.dkim import breaks_signature
 from bccguard.policy.headers import HeaderBlock, parse_header
 from bccguard.policy.model import Action, Address, Envelope, RewriteTo, Verdict
 from bccguard.policy.rewrite import rewrite_headers
@@ -43,10 +44,31 @@ def evaluate(message: bytes, envelope: Envelope, policy: PolicyConfig) -> Outcom
     visible = tuple(visible_recipients(block))
     verdict = decide(envelope, visible, policy)
     out = message
-    if verdict.action is Action.REWRITE:
-        out, hidden = rewrite_for(message, block, envelope, policy, verdict)
-        verdict = replace(verdict, hidden=hidden)
+    rewrites = verdict.action is Action.REWRITE
+    if rewrites or (verdict.action is Action.AUDIT and verdict.would is Action.REWRITE):
+        rewritten, hidden = rewrite_for(message, block, envelope, policy, verdict)
+        if rewrites:
+            out = rewritten
+            verdict = replace(verdict, hidden=hidden)
+        if block.get_all("dkim-signature") and breaks_signature(message, block, rewritten):
+            verdict, out = _on_signed(verdict, message, out, select_rule(policy, envelope)[1])
     return Outcome(verdict=verdict, block=block, visible=visible, message=out)
+
+
+def _on_signed(
+    verdict: Verdict, original: bytes, rewritten: bytes, settings: PolicySettings
+) -> tuple[Verdict, bytes]:
+    """A rewrite would break a DKIM signature over the recipient headers: apply `on_signed`."""
+    instead = Action(settings.on_signed.value)
+    if verdict.action is Action.AUDIT:
+        return replace(verdict, signed=True, would=instead), original
+    if instead is Action.REWRITE:
+        return replace(verdict, signed=True), rewritten
+    reason = (
+        f"{verdict.reason} (the message is DKIM-signed over To/Cc: "
+        "bccguard cannot hide them without breaking the signature)"
+    )
+    return replace(verdict, action=instead, signed=True, hidden=0, reason=reason), original
 
 
 def rewrite_for(
