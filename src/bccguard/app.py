@@ -22,7 +22,9 @@ from bccguard.ops.logs import get_logger
 from bccguard.ops.metrics import Metrics
 from bccguard.relay import Runtime
 from bccguard.retry import Retrier
+from bccguard.smtp.auth import Credentials, CredentialsError
 from bccguard.smtp.server import RelayHandler, RelaySMTP, SessionGate
+from bccguard.smtp.tls import server_context
 from bccguard.store.quarantine import Quarantine
 from bccguard.store.spool import Spool
 from bccguard.systemd import notify
@@ -52,13 +54,17 @@ class App:
         self.port = 0
 
     def _build_runtime(self, config: Config) -> Runtime:
+        # Certificate and credentials first: a reload that cannot read them keeps the old runtime.
+        tls_context = server_context(config.server.tls)
+        credentials = load_credentials(config)
         q = Quarantine(config.quarantine.path)
         q.open()
         spool = Spool(config.spool.path, schedule=config.spool.retry_schedule, max_age=config.spool.max_age)
         spool.open()
         upstream = open_upstream(config.upstream, hostname=config.server.hostname)
         return Runtime(
-            config=config, upstream=upstream, quarantine=q, spool=spool, metrics=self.metrics, log=self.log
+            config=config, upstream=upstream, quarantine=q, spool=spool, metrics=self.metrics, log=self.log,
+            tls_context=tls_context, credentials=credentials,
         )
 
     # ------------------------------------------------------------ start/stop
@@ -164,7 +170,13 @@ class App:
         self.runtime = runtime
         self.metrics.set_rules(rule_names(new))
         self.metrics.config_reload(True)
-        self.log.info("reloaded", config=new.source, rules=len(new.policy.rules))
+        self.log.info(
+            "reloaded",
+            config=new.source,
+            rules=len(new.policy.rules),
+            tls=runtime.tls_context is not None,
+            auth_users=len(runtime.credentials.users) if runtime.credentials else 0,
+        )
         asyncio.get_running_loop().call_later(
             new.upstream.timeout * 6, lambda: asyncio.ensure_future(old.upstream.close())
         )
@@ -184,6 +196,16 @@ class App:
                 loop.remove_signal_handler(sig)
             await self.stop()
         return 0
+
+
+def load_credentials(config: Config) -> Credentials | None:
+    """The AUTH users of `server.auth_file`, or None; problems are config errors (exit 78)."""
+    if not config.server.auth_file:
+        return None
+    try:
+        return Credentials.load(config.server.auth_file)
+    except CredentialsError as exc:
+        raise ConfigError([f"server.auth_file: {p}" for p in str(exc).splitlines()]) from None
 
 
 def _scheme(url: str) -> str:

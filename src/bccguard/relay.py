@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import os
 import re
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from bccguard.ops.metrics import Metrics
 from bccguard.policy.dsn import Failure, build_dsn
 from bccguard.policy.engine import Outcome, evaluate
 from bccguard.policy.model import Action, Envelope
+from bccguard.smtp.auth import Credentials
 from bccguard.store.quarantine import Quarantine
 from bccguard.store.spool import Spool
 from bccguard.upstream import DeliveryResult, Reply, Upstream, UpstreamError
@@ -71,6 +73,9 @@ class Runtime:
     spool: Spool
     metrics: Metrics
     log: Any
+    # Inbound STARTTLS and AUTH (smtp/tls.py, smtp/auth.py): None when not configured.
+    tls_context: ssl.SSLContext | None = None
+    credentials: Credentials | None = None
     relay: Relay = field(init=False)
     _ids: itertools.count[int] = field(default_factory=itertools.count, init=False)
 
