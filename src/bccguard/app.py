@@ -51,6 +51,7 @@ class App:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
         self._last_upstream_ok = 0.0
+        self._retired: list[Runtime] = []
         self.port = 0
 
     def _build_runtime(self, config: Config) -> Runtime:
@@ -143,6 +144,10 @@ class App:
                 await t
         if self.ops is not None:
             self.ops.stop()
+        # Snapshots replaced by a reload may still hold pooled upstream connections.
+        for old in self._retired:
+            await old.upstream.close()
+        self._retired.clear()
         await self.runtime.upstream.close()
         self.log.info("stopped", drained=not any(s.busy for s in self.sessions))
 
@@ -177,9 +182,14 @@ class App:
             tls=runtime.tls_context is not None,
             auth_users=len(runtime.credentials.users) if runtime.credentials else 0,
         )
-        asyncio.get_running_loop().call_later(
-            new.upstream.timeout * 6, lambda: asyncio.ensure_future(old.upstream.close())
-        )
+        self._retired.append(old)
+
+        def retire() -> None:
+            if old in self._retired:
+                self._retired.remove(old)
+                asyncio.ensure_future(old.upstream.close())
+
+        asyncio.get_running_loop().call_later(new.upstream.timeout * 6, retire)
         return True
 
     # ------------------------------------------------------------ main

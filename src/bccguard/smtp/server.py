@@ -327,10 +327,9 @@ class RelaySMTP(SMTP):
         return await self._check_credentials("LOGIN", login, password)
 
     async def _auth_value(self, args: list[str], challenge: str) -> bytes | None:
-        """The initial response (AUTH X <b64>) or the answer to a 334 challenge; None once answered.
+        """The initial response (AUTH X <b64>) or the answer to a 334 challenge.
 
-        aiosmtpd's own PLAIN/LOGIN answer twice (501, then 535) when a client
-        cancels with "*"; returning None here means "already answered".
+        None means the client was already answered (a "*" cancel or bad base64).
         """
         if len(args) > 1:
             try:
@@ -369,7 +368,7 @@ class RelaySMTP(SMTP):
             failures=session.auth_failures,
         )
         if session.auth_failures < runtime.config.server.max_auth_failures:
-            return AuthResult(success=False)  # aiosmtpd answers 535 5.7.8
+            return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
         await self.push("535 5.7.8 Authentication credentials invalid")
         await super().push("421 4.7.0 Too many failed authentication attempts, closing connection")
         runtime.metrics.reply(421)
