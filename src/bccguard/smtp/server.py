@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from bccguard.ops.logs import address_hash
-from bccguard.smtp.paths import path_problem, split_path
+from bccguard.smtp.paths import path_problem, raw_path_with_controls, split_path
 
 if TYPE_CHECKING:
     from bccguard.relay import Runtime
@@ -191,7 +191,7 @@ class RelaySMTP(SMTP):
             auth_exclude_mechanism=[] if runtime.credentials is not None else ["PLAIN", "LOGIN"],
             # aiosmtpd parses PROXY v1/v2 itself; the handler's handle_PROXY accepts it,
             # and Runtime.client_ip() then uses the real client address everywhere.
-            proxy_protocol_timeout=10.0 if server.proxy_protocol else None,
+            proxy_protocol_timeout=min(10.0, server.command_timeout) if server.proxy_protocol else None,
             **kwargs,
         )
         self._smtp_methods = _Commands(self._smtp_methods, self._unknown_command)
@@ -378,7 +378,7 @@ class RelaySMTP(SMTP):
 
     # ------------------------------------------------------------ parsing
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        fast = split_path(arg)
+        fast = split_path(arg) or raw_path_with_controls(arg)
         if fast is not None:
             return fast
         return super()._getaddr(arg)
