@@ -195,14 +195,14 @@ rcpt_lists = st.lists(
 
 def test_relay_keeps_the_envelope_and_hides_what_it_must(tmp_path_factory: object) -> None:
     """The envelope the upstream sees is the client's, whatever the headers say."""
-    from pathlib import Path  # noqa: PLC0415
+    from pathlib import Path
 
-    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+    from prometheus_client import CollectorRegistry
 
-    from bccguard.app import App  # noqa: PLC0415
-    from bccguard.ops.metrics import Metrics  # noqa: PLC0415
-    from conftest import relay_config  # noqa: PLC0415
-    from sink import Sink  # noqa: PLC0415
+    from bccguard.app import App
+    from bccguard.ops.metrics import Metrics
+    from conftest import relay_config
+    from sink import Sink
 
     loop = asyncio.new_event_loop()
     sink = Sink()

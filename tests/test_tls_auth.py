@@ -287,7 +287,7 @@ def _peer_cert_digest(port: int, cafile: Path) -> str:
 async def test_sighup_reload_serves_the_new_certificate_to_new_sessions(
     tmp_path: Path, sink: Sink, tls_files: tuple[Path, Path]
 ) -> None:
-    from bccguard.config import load  # noqa: PLC0415
+    from bccguard.config import load
 
     cert, key = tls_files
     conf = tmp_path / "bccguard.toml"
@@ -297,10 +297,10 @@ async def test_sighup_reload_serves_the_new_certificate_to_new_sessions(
         f'[upstream]\nurl = "{sink.url}"\n[metrics]\nlisten = ""\n'
         f'[quarantine]\npath = "{tmp_path / "q"}"\n[spool]\npath = "{tmp_path / "s"}"\n'
     )
-    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+    from prometheus_client import CollectorRegistry
 
-    from bccguard.app import rule_names  # noqa: PLC0415
-    from bccguard.ops.metrics import Metrics  # noqa: PLC0415
+    from bccguard.app import rule_names
+    from bccguard.ops.metrics import Metrics
 
     cfg = load(conf)
     metrics = Metrics(registry=CollectorRegistry(), rules=rule_names(cfg))

@@ -39,6 +39,15 @@ TERMINATOR = b"\r\n.\r\n"
 READ_CHUNK = 256 * 1024
 
 
+class NullPath(str):
+    """The null reverse-path `<>`: equal to "", but true, for aiosmtpd's "MAIL given?" test."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return True
+
+
 class SessionGate:
     """Counts open sessions in total and per client IP; refuses past the limits.
 
@@ -85,8 +94,6 @@ class RelaySession(Session):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.bccguard_user: str | None = None  # the AUTH identity, for policy rules and logs
-        self.bccguard_refused = False  # relay refusal already counted and logged
-        self.bccguard_counted = False  # "accepted" connection already counted
         self.auth_failures = 0
         self.bad_commands = 0
 
@@ -204,6 +211,8 @@ class RelaySMTP(SMTP):
         self.busy = False  # inside DATA: SIGTERM lets it finish
         self.closing = False
         self.session_id = ""
+        self.refusal_logged = False  # one log line and one count per refused session
+        self.accepted_counted = False
 
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)
@@ -380,6 +389,8 @@ class RelaySMTP(SMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         fast = split_path(arg) or raw_path_with_controls(arg)
         if fast is not None:
+            if fast[0] == "":  # `<>`: aiosmtpd would answer 501 to a falsy address
+                return NullPath(), fast[1]
             return fast
         return super()._getaddr(arg)
 
@@ -563,7 +574,9 @@ class RelayHandler:
             problem = path_problem(address, smtputf8=smtputf8)
             if problem is not None:
                 return problem
-        envelope.mail_from = address
+        # aiosmtpd 1.4.6 answers RCPT "503 need MAIL" when mail_from is falsy, so the
+        # null sender (bounces, DSNs: RFC 5321 4.5.5) is kept as a truthy "".
+        envelope.mail_from = address or NullPath()
         envelope.mail_options.extend(options)
         envelope.smtp_utf8 = smtputf8
         return "250 2.1.0 Ok"
@@ -575,8 +588,8 @@ class RelayHandler:
         cfg = runtime.config.server
         ip = runtime.client_ip(session)
         if not (session.authenticated or client_allowed(ip, cfg.allowed_networks)):
-            if not session.bccguard_refused:
-                session.bccguard_refused = True
+            if not server.refusal_logged:
+                server.refusal_logged = True
                 runtime.metrics.connection("refused_network")
                 runtime.log.warning("relay_refused", session_id=server.session_id, client=ip)
             return "554 5.7.1 Relay access denied: your address is not allowed to relay through this server"
@@ -585,8 +598,8 @@ class RelayHandler:
         problem = path_problem(address, smtputf8=bool(envelope.smtp_utf8))
         if problem is not None:
             return problem
-        if not session.bccguard_counted:
-            session.bccguard_counted = True
+        if not server.accepted_counted:
+            server.accepted_counted = True
             runtime.metrics.connection("accepted")
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -597,7 +610,7 @@ class RelayHandler:
         started = time.perf_counter()
         task = asyncio.ensure_future(
             runtime.relay.process(
-                mail_from=envelope.mail_from or "",
+                mail_from=str(envelope.mail_from or ""),  # NullPath -> plain ""
                 rcpt_tos=tuple(envelope.rcpt_tos),
                 content=envelope.original_content or b"",
                 smtputf8=bool(envelope.smtp_utf8),
