@@ -51,8 +51,9 @@ async def _rest(reader: asyncio.StreamReader) -> list[bytes]:
     return [_check_reply(x) for x in data.splitlines()]
 
 
-async def _trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes,
-                   pause: float) -> list[bytes]:
+async def _trickle(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes, pause: float
+) -> list[bytes]:
     """Send `data` a byte at a time while reading replies, until the relay hangs up."""
     lines: list[bytes] = []
 
@@ -242,9 +243,10 @@ async def test_pipelined_garbage_is_cut_after_max_bad_commands(start_relay: Star
         b"501 5.5.4 Syntax: HELO hostname",
         b"421 4.7.0 Too many errors, closing connection",
     ]
-    assert app.metrics.registry.get_sample_value(
-        "bccguard_smtp_connections_total", {"result": "protocol_error"}
-    ) == 1
+    assert (
+        app.metrics.registry.get_sample_value("bccguard_smtp_connections_total", {"result": "protocol_error"})
+        == 1
+    )
     await assert_still_serves(app, sink)
 
 
@@ -477,3 +479,41 @@ async def test_per_ip_limit_applies_to_the_proxied_client_not_the_balancer(
     for _ in range(20):
         await asyncio.sleep(0)
     assert app.gate.total == 0 and not app.gate.per_ip
+
+
+async def test_noop_forever_does_not_hold_a_session_slot(start_relay: StartRelay, sink: Sink) -> None:
+    """One NOOP inside each command timeout would keep a slot for ever; the junk limit ends it."""
+    from bccguard.smtp.server import JUNK_LIMIT
+
+    app = await start_relay(sink.url, {"server": {"max_bad_commands": 3}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    await reader.readline()
+    writer.write(b"EHLO c.test\r\n" + b"NOOP\r\n" * (JUNK_LIMIT + 10))
+    await writer.drain()
+    replies = []
+    while line := await asyncio.wait_for(reader.readline(), 10):
+        replies.append(line)
+    writer.close()
+    noops = [r for r in replies if r.startswith(b"250 ")]
+    assert len(noops) == 1 + JUNK_LIMIT + 3  # EHLO's last line; NOOPs up to the third strike
+    assert replies[-1].startswith(b"421 4.7.0")
+
+
+async def test_the_junk_count_resets_after_each_delivered_message(
+    start_relay: StartRelay, sink: Sink
+) -> None:
+    """A Postfix client reusing a cached connection sends RSET before every message: never cut off."""
+    from bccguard.smtp.server import JUNK_LIMIT
+
+    app = await start_relay(sink.url, {"server": {"max_bad_commands": 3}})
+
+    def client() -> None:
+        with smtplib.SMTP("127.0.0.1", app.port, timeout=20) as c:
+            c.ehlo("c.test")
+            for i in range(3):
+                for _ in range(JUNK_LIMIT):
+                    assert c.rset()[0] == 250
+                c.sendmail("a@corp.example", [f"b{i}@corp.example"], b"Subject: x\r\n\r\nhi\r\n")
+
+    await asyncio.to_thread(client)  # blocking smtplib must not block the relay's loop
+    assert len(sink.messages) == 3

@@ -96,6 +96,7 @@ class RelaySession(Session):
         self.bccguard_user: str | None = None  # the AUTH identity, for policy rules and logs
         self.auth_failures = 0
         self.bad_commands = 0
+        self.junk_commands = 0  # NOOP/RSET/VRFY/EXPN/HELP since the last delivered message
 
 
 def peer_ip(peer: Any) -> str:
@@ -121,6 +122,7 @@ _ENHANCED = {
     504: "5.5.4", 530: "5.7.0", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0", 552: "5.3.4",
     553: "5.1.3", 554: "5.7.0",
 }  # fmt: skip
+JUNK_LIMIT = 100  # Postfix's smtpd_junk_command_limit default
 _HAS_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"']*@[^\s<>()\[\],;:\"']*")
 # Protocol errors that count towards `max_bad_commands` (Postfix's
@@ -311,6 +313,37 @@ class RelaySMTP(SMTP):
         await super().push("421 4.7.0 Too many errors, closing connection")
         self.transport.close()
 
+    # ------------------------------------------------------------ junk commands
+    # A client can hold a session slot forever with one NOOP per command
+    # timeout. Like Postfix's smtpd_junk_command_limit: past JUNK_LIMIT such
+    # commands without a delivered message, each further one counts as a
+    # protocol error, so max_bad_commands ends the session.
+    async def _junk(self) -> None:
+        session = self.relay_session()
+        session.junk_commands += 1
+        if session.junk_commands > JUNK_LIMIT:
+            await self._bad_command()
+
+    async def smtp_NOOP(self, arg: str) -> None:
+        await super().smtp_NOOP(arg)
+        await self._junk()
+
+    async def smtp_RSET(self, arg: str) -> None:
+        await super().smtp_RSET(arg)
+        await self._junk()
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        await super().smtp_VRFY(arg)
+        await self._junk()
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        await super().smtp_EXPN(arg)
+        await self._junk()
+
+    async def smtp_HELP(self, arg: str) -> None:
+        await super().smtp_HELP(arg)
+        await self._junk()
+
     async def _unknown_command(self, command: str, arg: str | None) -> None:
         await self.push("500 5.5.2 Error: command not recognized")
 
@@ -431,6 +464,8 @@ class RelaySMTP(SMTP):
             status = await self._call_handler_hook("DATA")
             self.envelope = self._create_envelope()
             await self.push("250 OK" if status is MISSING else status)
+            if status is MISSING or str(status).startswith("2"):
+                self.relay_session().junk_commands = 0
         finally:
             self.busy = False
             if self.transport is not None:
