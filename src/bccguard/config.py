@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import socket
 import tomllib
@@ -118,7 +119,6 @@ def _consumer(value: str | list[str]) -> frozenset[str]:
 
 
 SPLIT_AVAILABLE = False
-WORKERS_AVAILABLE = False
 
 UPSTREAM_SCHEMES = ("smtp", "smtp+starttls", "smtps", "maildir")
 
@@ -182,7 +182,16 @@ class ServerConfig:
     max_bad_commands: int = field(default=20, metadata=_check(_positive, "e.g. 20"))
     shutdown_timeout: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
     proxy_protocol: bool = False
+    # Processes sharing the port (SO_REUSEPORT) under one supervisor; 1: no supervisor.
     workers: int = field(default=1, metadata=_check(_positive, "a process count, e.g. 2"))
+    # "auto": uvloop when it is installed (pip install 'bccguard[fast]'), else asyncio's own loop.
+    event_loop: str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: v if v in ("auto", "asyncio", "uvloop") else _raise(f"{v!r} is not an event loop"),
+            '"auto", "asyncio" or "uvloop"',
+        ),
+    )
     tls: TLSConfig = field(default_factory=TLSConfig)
 
 
@@ -505,10 +514,12 @@ def _cross_checks(cfg: Config, source: str) -> None:
     ]:
         if settings.action is Action.SPLIT and not SPLIT_AVAILABLE:
             problems.append(f"{where}.action: split is not available in this version (fix: use rewrite)")
-    if cfg.server.workers > 1 and not WORKERS_AVAILABLE:
-        problems.append("server.workers: several workers are not available in this version (fix: 1)")
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
+    if cfg.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        problems.append(
+            "server.event_loop: uvloop is not installed (fix: pip install 'bccguard[fast]', or \"auto\")"
+        )
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
 
