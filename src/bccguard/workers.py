@@ -168,6 +168,9 @@ class Supervisor:
         """Reserve the port, set up metrics, start every worker and wait until each listens."""
         self._sock, _, self.port = reserve_port(self.config.server.listen)
         self._setup_metrics_dir()
+        if self.config.metrics.listen:
+            # Before the workers: a taken port fails fast, and /healthz answers during start.
+            self._start_ops()
         for w in self.workers:
             self._spawn(w)
         deadline = time.monotonic() + READY_TIMEOUT
@@ -178,8 +181,6 @@ class Supervisor:
             for w in self.workers:
                 if w.proc is not None and w.proc.poll() is not None and not w.ready:
                     raise RuntimeError(f"worker {w.index} exited with {w.proc.returncode} during start")
-        if self.config.metrics.listen:
-            self._start_ops()
         self._log("workers_started", workers=self.count, port=self.port)
 
     def _setup_metrics_dir(self) -> None:
