@@ -154,7 +154,7 @@ async def test_two_workers_counters_add_up_in_one_scrape(two_workers, sink: Sink
 
 
 async def test_a_killed_worker_is_replaced_and_its_counts_are_kept(two_workers, sink: Sink) -> None:  # type: ignore[no-untyped-def]
-    proc, port, mport, _ = two_workers
+    proc, port, mport, log = two_workers
     data = message(["colleague@corp.example"])
     for _ in range(8):
         await send(port, "news@corp.example", ["customer@gmail.com"], data)
@@ -163,10 +163,11 @@ async def test_a_killed_worker_is_replaced_and_its_counts_are_kept(two_workers, 
     victim = worker_pids(proc.pid)[0]
     os.kill(victim, signal.SIGKILL)
     await wait_for(lambda: len(set(worker_pids(proc.pid)) - {victim}) == 2)
+    await wait_for(lambda: ready(mport))  # the replacement listens
     for _ in range(4):
-        assert await send(port, "news@corp.example", ["customer@gmail.com"], data) == {}
+        assert await send(port, "news@corp.example", ["customer@gmail.com"], data) == {}, log.read_text()
     samples = scrape(mport)
-    assert total(samples, 'bccguard_messages_total{action="pass"') == 12
+    assert total(samples, 'bccguard_messages_total{action="pass"') == 12, log.read_text()
     assert samples["bccguard_smtp_sessions_active"] == 0
 
 

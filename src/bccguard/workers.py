@@ -291,6 +291,7 @@ class Supervisor:
             if w.proc is None or w.proc.poll() is None or self._stop:
                 continue
             code = w.proc.returncode
+            w.ready = False
             self._mark_dead(w.proc.pid)
             if w.ready_r >= 0:
                 os.close(w.ready_r)

@@ -331,8 +331,20 @@ class SMTPUpstream:
         if self._slots is None:
             yield
             return
-        async with self._slots:
+        # Back-pressure: at most pool_size transactions go upstream at once;
+        # the others wait here, but no longer than one upstream step, then
+        # their clients get 451 and retry later (the session limits bound
+        # how many wait, and so the memory their messages hold).
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            what = f"no upstream connection free within {self.timeout:g}s (pool_size {self.pool_size})"
+            raise UpstreamError("timeout", what) from None
+        try:
             yield
+        finally:
+            self._slots.release()
 
     def _take_idle(self) -> Connection | None:
         while self._idle:

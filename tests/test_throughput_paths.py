@@ -1,0 +1,151 @@
+"""Correctness of the fast paths (issue 7): nothing here is timed.
+
+- the upstream gets MAIL, every RCPT and DATA in one pipelined write;
+- upstream connections are pooled: reused across messages, never more at
+  once than pool_size, and clients wait for a free one (back-pressure);
+- a client that waits longer than the upstream timeout gets 451, not a hang;
+- the chunked DATA reader's dot-unstuffing is exact, also across chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bccguard.smtp.server import READ_CHUNK
+from conftest import StartRelay, message, send
+from sink import Sink
+
+
+class Watch:
+    """Samples how many upstream connections the sink has open at once."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def open_now(self) -> int:
+        return sum(1 for p in self.sink._protocols if p.transport is not None)
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.open_now())
+            await asyncio.sleep(0.002)
+
+    def __enter__(self) -> Watch:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+@pytest.fixture
+async def slow_sink() -> AsyncIterator[Sink]:
+    s = Sink(data_delay=0.2)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+async def test_upstream_gets_mail_rcpts_and_data_in_one_write(start_relay: StartRelay, sink: Sink) -> None:
+    relay = await start_relay(f"smtp://127.0.0.1:{sink.port}")
+    rcpts = [f"user{i}@corp.example" for i in range(5)]
+    assert await send(relay.port, "news@corp.example", rcpts, message(rcpts)) == {}
+    got = sink.messages[-1]
+    assert got.rcpt_tos == rcpts
+    reads = sink.reads[got.connection]
+    group = next(chunk for chunk in reads if b"MAIL FROM:" in chunk)
+    assert group.count(b"RCPT TO:") == 5
+    assert group.endswith(b"DATA\r\n")
+
+
+async def test_pipelined_group_with_refusals_stays_in_sync(start_relay: StartRelay, sink: Sink) -> None:
+    """Refused RCPTs in the middle of the group: the replies still line up with the recipients."""
+    sink.rcpt_replies = {"user1@corp.example": "550 5.1.1 unknown", "user3@corp.example": "550 5.1.1 no"}
+    relay = await start_relay(f"smtp://127.0.0.1:{sink.port}")
+    rcpts = [f"user{i}@corp.example" for i in range(5)]
+    for _ in range(3):  # and the pooled connection stays usable for the next ones
+        await send(relay.port, "news@corp.example", rcpts, message(rcpts))
+        assert sink.messages[-1].rcpt_tos == [rcpts[0], rcpts[2], rcpts[4]]
+    assert sink.connections == 1
+
+
+async def test_connections_are_reused_across_messages(start_relay: StartRelay, sink: Sink) -> None:
+    relay = await start_relay(f"smtp://127.0.0.1:{sink.port}")
+    for i in range(6):
+        data = message(["colleague@corp.example"], subject=f"n{i}")
+        assert await send(relay.port, "news@corp.example", ["colleague@corp.example"], data) == {}
+        assert sink.messages[-1].data == data
+    assert len(sink.messages) == 6
+    assert sink.connections == 1
+
+
+async def test_clients_wait_for_the_pool_and_upstream_connections_stay_bounded(
+    start_relay: StartRelay, slow_sink: Sink
+) -> None:
+    relay = await start_relay(f"smtp://127.0.0.1:{slow_sink.port}", {"upstream": {"pool_size": 3}})
+    data = message(["colleague@corp.example"])
+    with Watch(slow_sink) as watch:
+        results = await asyncio.gather(
+            *(send(relay.port, "news@corp.example", [f"c{i}@corp.example"], data) for i in range(15))
+        )
+    assert results == [{}] * 15  # every client got its 250, some after waiting
+    assert len(slow_sink.messages) == 15
+    assert watch.peak <= 3
+    assert slow_sink.connections <= 3
+
+
+async def test_a_client_waiting_past_the_upstream_timeout_gets_451(
+    start_relay: StartRelay, sink: Sink
+) -> None:
+    # One connection, each delivery 1.5 s (under the 2.5 s step timeout): the
+    # second client gets the connection after 1.5 s, the third would wait 3 s.
+    sink.data_delay = 1.5
+    relay = await start_relay(
+        f"smtp://127.0.0.1:{sink.port}", {"upstream": {"pool_size": 1, "timeout": 2.5}}
+    )
+    data = message(["colleague@corp.example"])
+
+    async def one(i: int) -> str:
+        await asyncio.sleep(0.2 * i)  # in this order
+        try:
+            await send(relay.port, "news@corp.example", [f"c{i}@corp.example"], data)
+        except smtplib.SMTPDataError as exc:
+            return f"{exc.smtp_code} {exc.smtp_error.decode()}"
+        return "250"
+
+    with Watch(sink) as watch:
+        replies = await asyncio.gather(*(one(i) for i in range(3)))
+    assert replies[:2] == ["250", "250"]
+    assert replies[2].startswith("451 4.4.2")
+    assert len(sink.messages) == 2
+    assert watch.peak <= 1
+
+
+@pytest.mark.parametrize("size", [300, READ_CHUNK * 2 + 77])
+async def test_dot_unstuffing_is_exact(relay, sink: Sink, size: int) -> None:  # type: ignore[no-untyped-def]
+    """Lines starting with '.', including the first body line and lines on chunk borders."""
+    lines = [b"From: news@corp.example", b"To: colleague@corp.example", b"Subject: dots", b""]
+    lines += [b".first body line starts with a dot", b"..two dots", b"."]
+    filler = b".x" + b"y" * 70
+    while sum(len(x) + 2 for x in lines) < size:
+        lines.append(filler)
+    lines.append(b"last")
+    data = b"\r\n".join(lines) + b"\r\n"
+    assert await send(relay.port, "news@corp.example", ["colleague@corp.example"], data) == {}
+    assert sink.messages[-1].data == data
+
+
+async def test_message_starting_with_a_dot_line(relay, sink: Sink) -> None:  # type: ignore[no-untyped-def]
+    """The very first line of DATA is dot-stuffed too (no header block at all)."""
+    data = b".lonely\r\n"
+    assert await send(relay.port, "news@corp.example", ["colleague@corp.example"], data) == {}
+    assert sink.messages[-1].data == data
