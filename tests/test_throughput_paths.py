@@ -149,3 +149,23 @@ async def test_message_starting_with_a_dot_line(relay, sink: Sink) -> None:  # t
     data = b".lonely\r\n"
     assert await send(relay.port, "news@corp.example", ["colleague@corp.example"], data) == {}
     assert sink.messages[-1].data == data
+
+
+async def test_ehlo_reply_is_one_write_and_counted_once(relay, sink: Sink) -> None:  # type: ignore[no-untyped-def]
+    def replies_2xx() -> float:
+        value = relay.metrics.registry.get_sample_value("bccguard_smtp_replies_total", {"class": "2xx"})
+        return float(value or 0.0)
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    try:
+        assert (await reader.readline()).startswith(b"220 ")
+        before = replies_2xx()
+        writer.write(b"EHLO client.test\r\n")
+        chunk = await asyncio.wait_for(reader.read(4096), 5)
+        lines = chunk.split(b"\r\n")
+        assert lines[0] == b"250-bccguard.test"
+        assert b"250-PIPELINING" in lines
+        assert chunk.endswith(b"250 HELP\r\n")  # the whole reply in the first read
+        assert replies_2xx() == before + 1
+    finally:
+        writer.close()

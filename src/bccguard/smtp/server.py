@@ -121,6 +121,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         self._gate = gate
         self._sessions = sessions
         self._admitted_ip: str | None = None
+        self._pending_lines: list[str] = []  # see push()
         self.busy = False  # inside DATA: SIGTERM lets it finish
         self.closing = False
         self.session_id = ""
@@ -174,9 +175,19 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
 
     async def push(self, status: Any) -> None:
         text = status if isinstance(status, str) else bytes(status).decode("utf-8", "replace")
+        if text[3:4] == "-":
+            # A line of a multi-line reply (EHLO: six of them): aiosmtpd pushes
+            # each with its own write and drain, a send() each. Held back and
+            # sent with the last line, the reply is one write and one reply
+            # counted, not six.
+            self._pending_lines.append(text)
+            return
         code = text[:3]
         if code.isdigit():
             self._runtime_ref().metrics.reply(int(code))
+        if self._pending_lines:
+            status = "\r\n".join([*self._pending_lines, text])
+            self._pending_lines.clear()
         await super().push(status)
 
     # ------------------------------------------------------------ parsing
