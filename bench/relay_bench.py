@@ -211,8 +211,13 @@ def start_sink(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def bccguard_config(args: argparse.Namespace, workdir: Path, port: int, sink: int, mport: int) -> Path:
-    cfg = workdir / "bccguard.toml"
+def bccguard_config(
+    args: argparse.Namespace, workdir: Path, port: int, sink: int, mport: int, *, name: str = "bccguard"
+) -> Path:
+    """The relay under test; a --baseline copy gets no keys an older version may not know."""
+    cfg = workdir / f"{name}.toml"
+    if name != "bccguard":
+        workdir = workdir / name
     cfg.write_text(
         f"""
 [server]
@@ -221,8 +226,8 @@ hostname = "bccguard.bench"
 max_recipients = 1000
 max_sessions = 1000
 max_sessions_per_ip = 1000
-{f"workers = {args.workers}" if args.workers != 1 else ""}
-{f'event_loop = "{args.event_loop}"' if args.event_loop else ""}
+{f"workers = {args.workers}" if args.workers != 1 and name == "bccguard" else ""}
+{f'event_loop = "{args.event_loop}"' if args.event_loop and name == "bccguard" else ""}
 
 [upstream]
 url = "smtp://127.0.0.1:{sink}"
@@ -251,13 +256,15 @@ action = "{args.action}"
     return cfg
 
 
-def start_bccguard(args: argparse.Namespace, workdir: Path, sink: int) -> Relay:
+def start_bccguard(
+    args: argparse.Namespace, workdir: Path, sink: int, *, name: str = "bccguard", src: Path = REPO / "src"
+) -> Relay:
     port, mport = free_port(), free_port()
-    cfg = bccguard_config(args, workdir, port, sink, mport)
+    cfg = bccguard_config(args, workdir, port, sink, mport, name=name)
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(src) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     # Logs go to a file, as in production; the per-message line is part of the cost.
-    log = open(workdir / "bccguard.log", "wb")  # noqa: SIM115
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "bccguard.cli", "serve", "--config", str(cfg)],
         cwd=workdir,
@@ -269,9 +276,9 @@ def start_bccguard(args: argparse.Namespace, workdir: Path, sink: int) -> Relay:
         wait_banner(port, proc=proc)
     except RuntimeError:
         proc.kill()
-        sys.stderr.write((workdir / "bccguard.log").read_text()[-3000:])
+        sys.stderr.write((workdir / f"{name}.log").read_text()[-3000:])
         raise
-    return Relay("bccguard", port, proc.pid, proc, metrics_port=mport)
+    return Relay(name, port, proc.pid, proc, metrics_port=mport)
 
 
 POSTFIX_MAIN = """\
@@ -418,8 +425,10 @@ def run_cell(
         rate = probe / run_source(source_cmd(shape, sessions, mode, probe, msgfile, port), 120)
         counts[name] = int(min(max(rate * args.seconds, sessions * 10), 200_000))
     runs: dict[str, list[tuple[float, float | None, float | None]]] = {p[0]: [] for p in paths}
-    for _ in range(args.repeat):
-        for name, relay, port in paths:
+    for i in range(args.repeat):
+        # Rotate the order: whoever runs right after another path inherits its
+        # leftovers (TIME_WAIT sockets, a busy sink), so no path always goes second.
+        for name, relay, port in paths[i % len(paths) :] + paths[: i % len(paths)]:
             cmd = source_cmd(shape, sessions, mode, counts[name], msgfile, port)
             runs[name].append(measure(relay, cmd, counts[name], timeout=max(120.0, args.seconds * 30)))
     cells = []
@@ -499,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="target seconds per bccguard run")
     p.add_argument("--repeat", type=int, default=1, help="runs per path and cell; the median is reported")
     p.add_argument("--with-postfix", action="store_true", help="also a private Postfix instance as relay")
+    p.add_argument("--baseline", type=Path, default=None, help="also bccguard from this src/ dir")
     p.add_argument("--workers", type=int, default=1, help="[server] workers")
     p.add_argument("--event-loop", default="", help='[server] event_loop ("auto", "asyncio", "uvloop")')
     p.add_argument("--pool-size", type=int, default=None, help="[upstream] pool_size")
@@ -532,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs.append(start_sink(sink_port, workdir))
         relays.append(start_bccguard(args, workdir, sink_port))
+        if args.baseline:
+            # Another bccguard source tree (e.g. `git worktree add /tmp/base main`), same settings.
+            relays.append(start_bccguard(args, workdir, sink_port, name="baseline", src=args.baseline))
         if args.with_postfix:
             relays.append(start_postfix(workdir, sink_port))
         for shape in shapes:
