@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import re
 import smtplib
 from collections.abc import AsyncIterator
 
 import pytest
 
+from bccguard.smtp import server
 from bccguard.smtp.server import READ_CHUNK
 from conftest import StartRelay, message, send
 from sink import Sink
@@ -169,3 +172,25 @@ async def test_ehlo_reply_is_one_write_and_counted_once(relay, sink: Sink) -> No
         assert replies_2xx() == before + 1
     finally:
         writer.close()
+
+
+def _reference(content: bytes) -> str | None:
+    """The rule, written the slow obvious way."""
+    if re.search(rb"\r(?!\n)|(?<!\r)\n", content):
+        return "550"
+    end = content.find(b"\r\n\r\n")
+    if end >= 0 and any(len(line) > 998 for line in content[end + 4 :].split(b"\r\n")):
+        return "554"
+    return None
+
+
+@pytest.mark.parametrize("slice_size", [16, 64, 1 << 20])
+def test_content_check_matches_the_rule(monkeypatch: pytest.MonkeyPatch, slice_size: int) -> None:
+    """The sliced C-speed check agrees with the obvious one, also when slices cut lines and CRLFs."""
+    monkeypatch.setattr(server, "_SCAN_SLICE", slice_size)
+    rng = random.Random(slice_size)
+    pieces = [b"\r\n", b"\n", b"\r", b"a", b"b" * 500, b"c" * 998, b"d" * 999, b"\r\n\r\n", b".", b"x" * 40]
+    for _ in range(3000):
+        content = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        got = server.check_content(content)
+        assert (got[:3] if got else None) == _reference(content), content

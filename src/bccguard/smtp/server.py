@@ -21,6 +21,7 @@ import ipaddress
 import time
 from collections import Counter
 from collections.abc import Callable
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
@@ -297,36 +298,50 @@ def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
 MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: 998 characters + CRLF
 
 
-def check_content(content: bytes) -> str | None:
-    """Refuse bare CR/LF (SMTP smuggling material) and over-long lines.
+BARE_LINE_ENDING = (
+    "550 5.6.0 Message contains a bare CR or LF; use CRLF line endings (SMTP smuggling protection)"
+)
+LONG_LINE = (
+    "554 5.6.0 Message has a line longer than 998 characters (RFC 5322 2.1.1); "
+    "encode long lines, e.g. quoted-printable"
+)
+_SCAN_SLICE = 1 << 20  # lines are split a slice at a time: the list never holds a big message twice
 
-    Counting is three C-speed passes, and the line scan is a bounded
-    `find` per line: a regex for either costs 100x more on 100 KB.
+
+def check_content(content: bytes) -> str | None:
+    """Refuse bare CR/LF (SMTP smuggling material) and over-long body lines.
+
+    All of it runs at C speed: two counts (as many CR as LF), then per slice
+    one split on LF, "every line ends with CR" and the longest body line via
+    map(). That proves every LF has its CR and, the counts being equal, that
+    no CR stands alone. Counting CRLF (a slow two-byte search) and a find()
+    per line, as before, cost 300 us for 100 KB; this about 170 us.
     """
-    crlf = content.count(b"\r\n")
-    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-        return "550 5.6.0 Message contains a bare CR or LF; use CRLF line endings (SMTP smuggling protection)"
+    if content.count(b"\n") != content.count(b"\r"):
+        return BARE_LINE_ENDING
     # Header lines are exempt: a survey script's one-line To of 300 addresses
     # is exactly the mail bccguard exists to fix (the rewrite folds it), and
     # the header block is bounded by max_header_size instead.
     end = content.find(b"\r\n\r\n")
-    if end >= 0 and has_long_line(content, start=end + 4):
-        return (
-            "554 5.6.0 Message has a line longer than 998 characters (RFC 5322 2.1.1); "
-            "encode long lines, e.g. quoted-printable"
-        )
-    return None
-
-
-def has_long_line(content: bytes, limit: int = MAX_LINE, *, start: int = 0) -> bool:
-    find = content.find
-    pos, n = start, len(content)
-    while pos < n:
-        j = find(b"\n", pos, pos + limit)
-        if j < 0:
-            return n - pos > limit - 2  # no LF within reach: a line of 999+ characters
-        pos = j + 1
-    return False
+    body = end + 4 if end >= 0 else len(content)
+    long_line = False
+    for first, last, in_body in ((0, body, False), (body, len(content), True)):
+        pos = first
+        while pos < last:
+            stop = last
+            if last - pos > _SCAN_SLICE:
+                stop = content.rfind(b"\n", pos, pos + _SCAN_SLICE) + 1
+            if stop <= pos:  # a single line over a whole slice: take it to its end
+                stop = content.find(b"\n", pos, last) + 1 or last
+            lines = content[pos:stop].split(b"\n")
+            tail = lines.pop()  # after the last LF: empty, or an unterminated last line
+            if not all(map(bytes.endswith, lines, repeat(b"\r"))):
+                return BARE_LINE_ENDING
+            if in_body and not long_line:
+                longest = max(map(len, lines), default=0)
+                long_line = longest > MAX_LINE - 1 or len(tail) > MAX_LINE - 2
+            pos = stop
+    return LONG_LINE if long_line else None
 
 
 class RelayHandler:
