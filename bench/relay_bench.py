@@ -423,7 +423,8 @@ def run_cell(
     for name, _, port in paths:
         probe = max(sessions * 3, 20 if SHAPES[shape]["rcpts"] < 1000 else 6)
         rate = probe / run_source(source_cmd(shape, sessions, mode, probe, msgfile, port), 120)
-        counts[name] = int(min(max(rate * args.seconds, sessions * 10), 200_000))
+        floor = sessions * (10 if int(SHAPES[shape]["rcpts"]) < 1000 else 2)
+        counts[name] = int(min(max(rate * args.seconds, floor), 200_000))
     runs: dict[str, list[tuple[float, float | None, float | None]]] = {p[0]: [] for p in paths}
     for i in range(args.repeat):
         # Rotate the order: whoever runs right after another path inherits its
@@ -508,7 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="target seconds per bccguard run")
     p.add_argument("--repeat", type=int, default=1, help="runs per path and cell; the median is reported")
     p.add_argument("--with-postfix", action="store_true", help="also a private Postfix instance as relay")
-    p.add_argument("--baseline", type=Path, default=None, help="also bccguard from this src/ dir")
+    p.add_argument(
+        "--baseline", type=Path, default=None,
+        help="also bccguard from this src/ dir, default settings (e.g. src itself, to compare --workers 2)",
+    )
     p.add_argument("--workers", type=int, default=1, help="[server] workers")
     p.add_argument("--event-loop", default="", help='[server] event_loop ("auto", "asyncio", "uvloop")')
     p.add_argument("--pool-size", type=int, default=None, help="[upstream] pool_size")
