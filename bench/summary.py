@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"`{record['command']}` at commit {record['commit']} ({record.get('label') or 'no label'})  ")
     print(f"load before: `{record['uptime_before']}`  ")
     print(f"load after: `{record['uptime_after']}`\n")
-    print("| shape | sessions | connections | path | msg/s | ratio to direct | relay CPU ms/msg | peak RSS MB |")
+    print("| shape | sessions | connections | path | msg/s | ratio | relay CPU ms/msg | peak RSS MB |")
     print("|---|---:|---|---|---:|---:|---:|---:|")
     for c in record["cells"]:
         if args.only_sessions is not None and c["sessions"] != args.only_sessions:

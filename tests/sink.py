@@ -42,6 +42,7 @@ class Received:
     peer: Any
     connection: int  # index into Sink.reads: which connection carried it
     reply: str  # what the sink answered
+    tls: bool  # the transaction ran over TLS (STARTTLS or implicit)
 
 
 @dataclass
@@ -65,12 +66,14 @@ class Sink:
 
     messages: list[Received] = field(default_factory=list, init=False)
     dropped: list[Received] = field(default_factory=list, init=False)  # content seen, no reply
-    reads: list[list[bytes]] = field(default_factory=list, init=False)  # per connection
+    # Per connection, each chunk as read (after TLS decryption): shows pipelining.
+    reads: list[list[bytes]] = field(default_factory=list, init=False)
     verbs: list[str] = field(default_factory=list, init=False)  # every command, in order
     port: int = field(default=0, init=False)
     host: str = field(default=HOST, init=False)
     _server: asyncio.Server | None = field(default=None, init=False, repr=False)
     _protocols: list[SMTP] = field(default_factory=list, init=False, repr=False)
+    _verb_seen: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
     @property
     def connections(self) -> int:
@@ -111,11 +114,21 @@ class Sink:
     async def drop_connections(self) -> None:
         """Abort every open connection (e.g. to kill a client's pooled one)."""
         for proto in self._protocols:
-            if proto.transport is not None:
-                proto.transport.abort()
+            _abort(proto)
         self._protocols.clear()
         for _ in range(3):  # let connection_lost and the handler tasks run
             await asyncio.sleep(0)
+
+    def record_verb(self, verb: str) -> None:
+        self.verbs.append(verb)
+        self._verb_seen.set()
+
+    async def wait_verb(self, verb: str, count: int = 1, within: float = 5.0) -> None:
+        """Wait until the sink has seen `verb` `count` times (no sleep-polling in tests)."""
+        async with asyncio.timeout(within):
+            while self.verbs.count(verb) < count:
+                self._verb_seen.clear()
+                await self._verb_seen.wait()
 
     async def __aenter__(self) -> Sink:
         return await self.start()
@@ -124,7 +137,13 @@ class Sink:
         await self.stop()
 
 
-class _RecordingSMTP(SMTP):  # type: ignore[misc]
+def _abort(server: SMTP) -> None:
+    transport = server.transport
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+
+
+class _RecordingSMTP(SMTP):
     """aiosmtpd's SMTP that counts connections and keeps every chunk it read."""
 
     def __init__(self, sink: Sink, handler: Any, **kwargs: Any) -> None:
@@ -136,7 +155,7 @@ class _RecordingSMTP(SMTP):  # type: ignore[misc]
         if self._original_transport is None and self._conn_index < 0:  # not the STARTTLS upgrade
             self._conn_index = len(self._sink.reads)
             self._sink.reads.append([])
-            self._sink._protocols.append(self)  # noqa: SLF001
+            self._sink._protocols.append(self)
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -149,9 +168,14 @@ class _Handler:
         self.sink = sink
 
     async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
     ) -> list[str]:
-        self.sink.verbs.append("EHLO")
+        self.sink.record_verb("EHLO")
         if not self.sink.ehlo:
             return ["502 5.5.1 EHLO not implemented"]
         session.host_name = hostname
@@ -163,10 +187,10 @@ class _Handler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        self.sink.verbs.append("MAIL")
+        self.sink.record_verb("MAIL")
         if self.sink.hangup_on_mail > 0:
             self.sink.hangup_on_mail -= 1
-            server.transport.abort()
+            _abort(server)
             return "421 4.3.2 hung up"  # never reaches the client
         if self.sink.mail_reply is not None:
             return self.sink.mail_reply
@@ -177,7 +201,7 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        self.sink.verbs.append("RCPT")
+        self.sink.record_verb("RCPT")
         reply = self.sink.rcpt_replies.get(address, "250 2.1.5 Ok")
         if reply.startswith("2"):
             envelope.rcpt_tos.append(address)
@@ -185,38 +209,43 @@ class _Handler:
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.sink.verbs.append("DATA")
+        self.sink.record_verb("DATA")
         if self.sink.data_delay:
             await asyncio.sleep(self.sink.data_delay)
+        assert isinstance(server, _RecordingSMTP)
+        assert envelope.mail_from is not None
+        assert isinstance(envelope.original_content, bytes)
+        assert server.transport is not None
         record = Received(
             mail_from=envelope.mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
-            data=bytes(envelope.original_content),
+            data=envelope.original_content,
             mail_options=list(envelope.mail_options),
             rcpt_options=list(envelope.rcpt_options),
             peer=session.peer,
-            connection=server._conn_index,  # noqa: SLF001
+            connection=server._conn_index,
             reply=self.sink.data_reply,
+            tls=server.transport.get_extra_info("ssl_object") is not None,
         )
         if self.sink.drop_on_data:
             self.sink.dropped.append(record)
-            server.transport.abort()
+            _abort(server)
             return "250 2.0.0 never seen"
         self.sink.messages.append(record)
         return self.sink.data_reply
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> object:
-        self.sink.verbs.append("RSET")
+        self.sink.record_verb("RSET")
         return MISSING
 
     async def handle_NOOP(
         self, server: SMTP, session: Session, envelope: Envelope, arg: str
     ) -> object:
-        self.sink.verbs.append("NOOP")
+        self.sink.record_verb("NOOP")
         return MISSING
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> object:
-        self.sink.verbs.append("QUIT")
+        self.sink.record_verb("QUIT")
         return MISSING
 
 
@@ -271,10 +300,10 @@ def closed_port() -> int:
 
 def self_signed_cert(directory: Path, name: str = HOST) -> tuple[Path, Path]:
     """(cert.pem, key.pem) for `name` (an IP or DNS name), valid for a day."""
-    from cryptography import x509  # noqa: PLC0415 - only TLS tests pay for the import
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])

@@ -164,7 +164,7 @@ def test_unknown_action_is_refused(metrics):
 
 
 def test_action_enum_members_are_accepted(registry, metrics):
-    from bccguard.policy.model import Action  # noqa: PLC0415 (keeps the point of the test local)
+    from bccguard.policy.model import Action
 
     msg(metrics, Action.SPLIT, "hr")
     assert val(registry, "bccguard_messages_total", action="split", rule="hr") == 1
@@ -276,6 +276,22 @@ def test_ops_endpoints(ops, metrics):
     status, ctype, text = get(f"{base}/metrics", accept=openmetrics)
     assert ctype.startswith("application/openmetrics-text")
     assert text.endswith("# EOF\n")
+
+
+def test_stop_means_no_more_answers_even_on_an_open_connection(metrics):
+    """A stopped relay must look down to Prometheus, which reuses its scrape connection."""
+    import http.client
+
+    server = OpsServer("127.0.0.1:0", metrics, lambda: (True, ""))
+    server.start()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("GET", "/healthz", headers={"Connection": "keep-alive"})
+    assert conn.getresponse().read() == b"ok\n"
+    server.stop()
+    with pytest.raises((OSError, http.client.HTTPException)):
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+    conn.close()
 
 
 def test_readiness_that_raises_is_not_ready(metrics):

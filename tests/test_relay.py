@@ -9,12 +9,13 @@ import smtplib
 import stat
 
 import pytest
-from conftest import StartRelay, message, send
-from sink import Received, Sink
 
 from bccguard.app import App
 from bccguard.policy.addresses import visible_recipients
 from bccguard.policy.headers import parse_header
+from conftest import StartRelay, message, send
+from sink import Received, Sink
+
 
 def delivered(sink: Sink) -> list[Received]:
     """What the upstream accepted (the sink also records what it refused)."""
@@ -119,10 +120,17 @@ def _data_reply(port: int, mail_from: str, rcpts: list[str], data: bytes) -> tup
 async def test_client_outside_allowed_networks_is_refused_at_rcpt(
     start_relay: StartRelay, sink: Sink
 ) -> None:
-    app = await start_relay(f"smtp://127.0.0.1:{sink.port}", {"server": {"allowed_networks": ["127.0.0.1/32"]}})
+    app = await start_relay(
+        f"smtp://127.0.0.1:{sink.port}", {"server": {"allowed_networks": ["127.0.0.1/32"]}}
+    )
     with pytest.raises(smtplib.SMTPRecipientsRefused) as err:
-        await send(app.port, "x@outside.example", ["alice@corp.example"], message(["alice@corp.example"]),
-                   source="127.0.0.2")
+        await send(
+            app.port,
+            "x@outside.example",
+            ["alice@corp.example"],
+            message(["alice@corp.example"]),
+            source="127.0.0.2",
+        )
     code, text = err.value.recipients["alice@corp.example"]
     assert code == 554 and text.startswith(b"5.7.1")
     assert delivered(sink) == []
@@ -185,9 +193,7 @@ async def test_pipelined_commands_after_data_are_not_lost(relay: App, sink: Sink
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     await reader.readline()
     body = message(["b@corp.example"])
-    batch = (
-        b"EHLO c.test\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<b@corp.example>\r\nDATA\r\n"
-    )
+    batch = b"EHLO c.test\r\nMAIL FROM:<a@corp.example>\r\nRCPT TO:<b@corp.example>\r\nDATA\r\n"
     writer.write(batch)
     replies = []
     while len(replies) < 4:
@@ -238,16 +244,23 @@ async def test_limits_have_defined_replies(start_relay: StartRelay, sink: Sink) 
     )
     with pytest.raises(smtplib.SMTPRecipientsRefused):
         await send(app.port, "a@corp.example", ["x\x01y@corp.example"], message(["b@corp.example"]))
-    refused = await send(app.port, "a@corp.example", [f"u{i}@corp.example" for i in range(5)],
-                         message(["u0@corp.example"]))
-    assert refused == {"u3@corp.example": (452, b"4.5.3 Too many recipients"),
-                       "u4@corp.example": (452, b"4.5.3 Too many recipients")}
+    refused = await send(
+        app.port, "a@corp.example", [f"u{i}@corp.example" for i in range(5)], message(["u0@corp.example"])
+    )
+    assert refused == {
+        "u3@corp.example": (452, b"4.5.3 Too many recipients"),
+        "u4@corp.example": (452, b"4.5.3 Too many recipients"),
+    }
     with pytest.raises(smtplib.SMTPSenderRefused) as err:  # SIZE= in MAIL FROM
-        await send(app.port, "a@corp.example", ["b@corp.example"], message(["b@corp.example"], body="x" * 5000))
+        await send(
+            app.port, "a@corp.example", ["b@corp.example"], message(["b@corp.example"], body="x" * 5000)
+        )
     assert err.value.smtp_code == 552
     reply = await asyncio.to_thread(_no_size_send, app.port, message(["b@corp.example"], body="y\r\n" * 2000))
     assert reply == (552, b"5.3.4 Message size exceeds fixed maximum message size")
-    reply = await asyncio.to_thread(_no_size_send, app.port, message(["b@corp.example"], body="z" * 999 + "\r\n"))
+    reply = await asyncio.to_thread(
+        _no_size_send, app.port, message(["b@corp.example"], body="z" * 999 + "\r\n")
+    )
     assert reply[0] == 554 and b"998" in reply[1]
     assert len(sink.messages) == 1  # only the 3-recipient message
 
@@ -274,3 +287,68 @@ async def test_proxy_protocol_client_address_decides_relaying(start_relay: Start
         await _talk(reader, writer, b"MAIL FROM:<a@corp.example>\r\n")
         assert (await _talk(reader, writer, b"RCPT TO:<b@corp.example>\r\n"))[0].startswith(expected)
         writer.close()
+
+
+async def test_readiness_follows_the_upstream(start_relay: StartRelay, sink: Sink) -> None:
+    app = await start_relay(f"smtp://127.0.0.1:{sink.port}")
+    deadline = asyncio.get_running_loop().time() + 10
+    while not app.readiness()[0] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert app.readiness() == (True, "ready")
+    port = sink.port
+    await sink.stop()
+    down = await start_relay(f"smtp://127.0.0.1:{port}")
+    await asyncio.sleep(0.2)
+    ok, reason = down.readiness()
+    assert not ok and "upstream" in reason
+
+
+async def test_ehlo_advertises_size_8bitmime_smtputf8_pipelining(relay: App) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    try:
+        await reader.readline()
+        lines = await _talk(reader, writer, b"EHLO client.test\r\n")
+    finally:
+        writer.close()
+    keywords = {line[4:].split(b" ")[0] for line in lines[1:]}
+    assert {b"SIZE", b"8BITMIME", b"SMTPUTF8", b"PIPELINING"} <= keywords
+    assert f"SIZE {relay.runtime.config.server.max_message_size}".encode() in b"\n".join(lines)
+
+
+async def test_quarantine_write_failure_is_a_451_not_a_loss(start_relay: StartRelay, sink: Sink) -> None:
+    app = await start_relay(f"smtp://127.0.0.1:{sink.port}", {"policy": {"action": "quarantine"}})
+    qdir = app.runtime.quarantine.path
+    qdir.rmdir()
+    qdir.write_text("not a directory")  # the disk said no
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        await send(app.port, "news@corp.example", CUSTOMERS[:20], message(CUSTOMERS[:20]))
+    assert (err.value.smtp_code, err.value.smtp_error[:5]) == (451, b"4.3.0")
+    assert delivered(sink) == []
+
+
+async def test_unexpected_error_is_a_451_with_a_logged_traceback(
+    relay: App, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import structlog
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in a policy module")
+
+    monkeypatch.setattr("bccguard.relay.evaluate", broken)
+    with structlog.testing.capture_logs() as logs, pytest.raises(smtplib.SMTPDataError) as err:
+        await send(relay.port, "a@corp.example", ["b@corp.example"], message(["b@corp.example"]))
+    assert (err.value.smtp_code, err.value.smtp_error) == (451, b"4.3.0 Internal error, try again later")
+    failed = [e for e in logs if e["event"] == "message_failed"]
+    assert failed and isinstance(failed[0]["exc_info"], RuntimeError)
+    assert [e["action"] for e in logs if e["event"] == "message_processed"] == ["tempfail"]
+    assert delivered(sink) == []
+
+
+async def test_a_huge_to_line_is_inspected_and_rewritten(relay: App, sink: Sink) -> None:
+    """5,000 addresses (~120 KB of header) take the worker-thread path and still come out clean."""
+    crowd = [f"member{i}@clients.example" for i in range(5000)]
+    data = message(crowd)
+    assert data.find(b"\r\n\r\n") > 64 * 1024
+    await send(relay.port, "news@corp.example", crowd[:3], data)
+    head = delivered(sink)[0].data.partition(b"\r\n\r\n")[0]
+    assert b"clients.example" not in head and b"hidden=5000" in head

@@ -19,6 +19,7 @@ from typing import Any
 
 from bccguard import __version__
 from bccguard.config import Config, ConfigError, load, parse_hostport
+from bccguard.notify import Notifier
 from bccguard.ops.logs import get_logger
 from bccguard.ops.metrics import Metrics
 from bccguard.relay import Runtime
@@ -31,6 +32,7 @@ from bccguard.upstream import open_upstream
 from bccguard.workers import WorkerRole
 
 READY_UPSTREAM_WINDOW = 60.0
+PROBE_INTERVAL = 15.0
 
 
 def rule_names(config: Config) -> list[str]:
@@ -42,7 +44,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     if choice == "asyncio":
         return None
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
     except ImportError:
         if choice == "uvloop":
             raise
@@ -64,6 +66,7 @@ class App:
         self.worker = worker
         self.log = get_logger("bccguard")
         self.metrics = metrics or Metrics(rules=rule_names(config), version=__version__)
+        self.notifier = Notifier()  # one per process: the rate limit survives reloads
         self.runtime = self._build_runtime(config)
         self.gate = SessionGate()
         self.sessions: set[RelaySMTP] = set()
@@ -72,7 +75,8 @@ class App:
         self.retrier = Retrier(lambda: self.runtime)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
-        self._last_upstream_ok = 0.0
+        self._force = asyncio.Event()  # a second SIGTERM: stop draining now
+        self._audit_offset = 0
         self.port = 0
 
     def _build_runtime(self, config: Config) -> Runtime:
@@ -84,8 +88,13 @@ class App:
         spool.open()
         upstream = open_upstream(config.upstream, hostname=config.server.hostname)
         return Runtime(
-            config=config, upstream=upstream, quarantine=q, spool=spool, metrics=self.metrics, log=self.log
-        )
+            config=config, upstream=upstream, quarantine=q, spool=spool, metrics=self.metrics, log=self.log,
+            notifier=self.notifier, wake=self._wake_spool,
+        )  # fmt: skip
+
+    def _wake_spool(self) -> None:
+        """A method, not `self.retrier.wake`: the first runtime is built before the retrier."""
+        self.retrier.wake()
 
     # ------------------------------------------------------------ start/stop
     async def start(self) -> None:
@@ -117,8 +126,12 @@ class App:
             self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
             self.ops.start()
         self.metrics.quarantine_set(*self.runtime.quarantine.depth())
+        self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
         if self.worker is None or self.worker.runs_retrier:
+            # One worker only: two would retry the same spooled copy, and each
+            # would count every release in the audit log (the sum doubles).
             self._tasks.append(asyncio.create_task(self.retrier.run(), name="spool"))
+            self._tasks.append(asyncio.create_task(self._watch_stores(), name="store-metrics"))
         self._tasks.append(asyncio.create_task(self._watch_upstream(), name="upstream-probe"))
         self.log.info(
             "started",
@@ -139,20 +152,52 @@ class App:
     def readiness(self) -> tuple[bool, str]:
         if self.server is None or not self.server.is_serving():
             return False, "SMTP listener not up"
-        if time.monotonic() - self._last_upstream_ok > READY_UPSTREAM_WINDOW:
+        last_ok = getattr(self.metrics, "upstream_last_ok", 0.0) or 0.0
+        if time.monotonic() - last_ok > READY_UPSTREAM_WINDOW:
             return False, "upstream not reachable recently"
         return True, "ready"
 
     async def _watch_upstream(self) -> None:
-        """Probe the upstream now and then so /readyz reflects reality without traffic."""
+        """Probe the upstream when traffic has not shown it alive lately.
+
+        A delivery that succeeded is the best probe there is; probing a busy
+        pool would only queue behind real mail and make /readyz flap.
+        """
         while True:
+            last_ok = getattr(self.metrics, "upstream_last_ok", 0.0) or 0.0
+            if time.monotonic() - last_ok < PROBE_INTERVAL:
+                await asyncio.sleep(PROBE_INTERVAL)
+                continue
             try:
-                await self.runtime.upstream.probe()
-                self._last_upstream_ok = time.monotonic()
+                await asyncio.wait_for(self.runtime.upstream.probe(), self.runtime.config.upstream.timeout)
                 self.metrics.upstream_ok()
             except Exception as exc:  # any failure means "not ready"; the reason is logged
-                self.log.warning("upstream_probe_failed", error=type(exc).__name__, kind=getattr(exc, "kind", ""))
+                self.log.warning(
+                    "upstream_probe_failed", error=type(exc).__name__, kind=getattr(exc, "kind", "")
+                )
+            await asyncio.sleep(PROBE_INTERVAL)
+
+    async def _watch_stores(self) -> None:
+        """Keep the quarantine gauges and release counter true while the admin CLI works.
+
+        Releases and deletes happen in `bccguard quarantine`, a separate
+        short-lived process whose counters nobody scrapes; the relay reads
+        their outcome back from the audit log instead.
+        """
+        while True:
+            try:
+                await asyncio.to_thread(self.refresh_store_metrics)
+            except Exception as exc:  # a metrics refresh must never take the relay down
+                self.log.warning("store_metrics_failed", error=type(exc).__name__)
             await asyncio.sleep(15.0)
+
+    def refresh_store_metrics(self) -> None:
+        q = self.runtime.quarantine
+        self.metrics.quarantine_set(*q.depth())
+        records, self._audit_offset = q.audit_records(self._audit_offset)
+        for rec in records:
+            if rec.get("what") == "release" and rec.get("result") in ("released", "partial", "failed"):
+                self.metrics.quarantine_release(str(rec["result"]))
 
     async def stop(self, timeout: float | None = None) -> None:
         timeout = self.runtime.config.server.shutdown_timeout if timeout is None else timeout
@@ -161,7 +206,7 @@ class App:
             self.server.close()
         await asyncio.gather(*(s.shutdown() for s in list(self.sessions)), return_exceptions=True)
         deadline = time.monotonic() + timeout
-        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
+        while any(s.busy for s in self.sessions) and time.monotonic() < deadline and not self._force.is_set():  # noqa: ASYNC110 - a few flags, bounded by shutdown_timeout
             await asyncio.sleep(0.05)
         for s in list(self.sessions):
             if s.transport is not None:
@@ -171,6 +216,7 @@ class App:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        self.retrier.release()
         if self.ops is not None:
             self.ops.stop()
         await self.runtime.upstream.close()
@@ -209,16 +255,28 @@ class App:
     # ------------------------------------------------------------ main
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        await self.start()
+        # Handlers first: start() sends READY=1, and systemd may send SIGTERM the
+        # moment it sees it; with the default action that would kill us mid-start.
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        try:
+            await self.start()
+        except BaseException:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            raise
         try:
             await self._stop.wait()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            # A second SIGTERM/SIGINT during the drain cuts it short (like uvicorn's
+            # second Ctrl-C): sessions still in DATA got no 250, so their clients retry.
+            loop.add_signal_handler(signal.SIGTERM, self._force.set)
+            loop.add_signal_handler(signal.SIGINT, self._force.set)
             await self.stop()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
         return 0
 
 

@@ -4,6 +4,10 @@ User mistakes (a bad config, a missing file, a port in use) print one line
 that names the problem and the fix, never a traceback. Exit codes: 0 ok,
 1 "the message would be changed/held/refused" (check) or a runtime failure,
 2 bad input, 78 bad configuration (EX_CONFIG, what systemd and sysexits know).
+
+`bccguard quarantine ...` (review.py): 0 done; 1 the store or the upstream
+failed (a release that did not reach every recipient keeps the entry);
+2 a bad id, an unknown entry or a bad argument.
 """
 
 from __future__ import annotations
@@ -54,16 +58,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="dry-run one message: print what the relay would do, send nothing",
         description="Exit 0: would go out unchanged; 1: would be changed, held or refused; 2: bad input.",
     )
-    check.add_argument("file", metavar="FILE.eml", help="the message (RFC 5322, CRLF or LF line endings); - for stdin")
+    check.add_argument(
+        "file", metavar="FILE.eml", help="the message (RFC 5322, CRLF or LF line endings); - for stdin"
+    )
     _config_arg(check)
     check.add_argument("--mail-from", metavar="A", help="envelope sender (default: the From address)")
     check.add_argument(
-        "--rcpt", metavar="A", action="append", default=None,
+        "--rcpt",
+        metavar="A",
+        action="append",
+        default=None,
         help="envelope recipient, repeatable (default: every To, Cc and Bcc address)",
     )
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--show", action="store_true", help="print the header block as it would leave")
+    _quarantine_parser(sub)
     return parser
+
+
+def _quarantine_parser(sub: Any) -> None:
+    q = sub.add_parser(
+        "quarantine",
+        help="review held messages: list, show, release, delete, purge",
+        description="Exit 0: done; 1: store or upstream failure (entry kept); 2: bad id or argument. "
+        "Release, delete and purge are recorded in <quarantine path>/audit.log.",
+    )
+    q_sub = q.add_subparsers(dest="quarantine_command", metavar="SUBCOMMAND")
+    p = q_sub.add_parser("list", help="list held messages (sender, counts, subject)")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+    _config_arg(p)
+    p = q_sub.add_parser("show", help="summary and header block of one message")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--raw", action="store_true", help="print the message bytes as held")
+    _config_arg(p)
+    p = q_sub.add_parser("release", help="deliver through the configured upstream, then remove")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--rewrite", action="store_true", help="hide external addresses first (policy in force)")
+    _config_arg(p)
+    p = q_sub.add_parser("delete", help="remove a held message without delivering it")
+    p.add_argument("id", metavar="ID")
+    _config_arg(p)
+    p = q_sub.add_parser("purge", help="remove messages held longer than a duration")
+    p.add_argument("--older-than", required=True, metavar="AGE", help='e.g. "30d", "12h"')
+    _config_arg(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_config_check(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "quarantine" and args.quarantine_command:
+            return cmd_quarantine(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"bccguard: config error: {problem}", file=sys.stderr)
@@ -86,6 +125,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EX_USAGE
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from bccguard import review  # lazy: serve and check need none of it
+
+    cfg = load(args.config)
+    try:
+        match args.quarantine_command:
+            case "list":
+                return review.cmd_list(cfg, as_json=args.json)
+            case "show":
+                return review.cmd_show(cfg, args.id, raw=args.raw)
+            case "release":
+                return review.cmd_release(cfg, args.id, rewrite=args.rewrite)
+            case "delete":
+                return review.cmd_delete(cfg, args.id)
+            case _:
+                return review.cmd_purge(cfg, args.older_than)
+    except review.ReviewError as exc:
+        print(f"bccguard: {exc}", file=sys.stderr)
+        return exc.code
+    except OSError as exc:
+        print(
+            f"bccguard: {exc.strerror or exc} on {exc.filename or cfg.quarantine.path} "
+            "(fix: run as the relay's user, or check quarantine.path)",
+            file=sys.stderr,
+        )
+        return 1
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     print(f"{cfg.source}: ok ({len(cfg.policy.rules)} rules, upstream {cfg.upstream.url.partition(':')[0]})")
@@ -93,15 +160,15 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bccguard.ops.logs import configure  # noqa: PLC0415
-    from bccguard.workers import WorkerRole  # noqa: PLC0415
+    from bccguard.ops.logs import configure
+    from bccguard.workers import WorkerRole
 
     cfg: Config = load(args.config)
     configure(cfg.logging.level, cfg.logging.format, log_addresses=cfg.logging.log_addresses)
     worker = WorkerRole.from_env()
     try:
         if cfg.server.workers > 1 and worker is None:
-            from bccguard.workers import Supervisor  # noqa: PLC0415
+            from bccguard.workers import Supervisor
 
             return Supervisor(cfg, config_path=args.config).run()
         return _serve_one(cfg, args.config, worker)
@@ -117,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_one(cfg: Config, config_path: str | None, worker: Any) -> int:
-    from bccguard.app import App, loop_factory  # noqa: PLC0415
+    from bccguard.app import App, loop_factory
 
     async def run() -> int:
         app = App(cfg, config_path=config_path, worker=worker)
@@ -137,10 +204,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     except OSError as exc:
-        print(f"bccguard: cannot read {args.file}: {exc.strerror} (fix: pass an existing .eml file)", file=sys.stderr)
+        print(
+            f"bccguard: cannot read {args.file}: {exc.strerror} (fix: pass an existing .eml file)",
+            file=sys.stderr,
+        )
         return EX_USAGE
     if not data.strip():
-        print(f"bccguard: {args.file} is empty (fix: pass a whole message, headers and body)", file=sys.stderr)
+        print(
+            f"bccguard: {args.file} is empty (fix: pass a whole message, headers and body)", file=sys.stderr
+        )
         return EX_USAGE
     block = parse_header(data)
     if not block.fields:
@@ -156,7 +228,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             dict.fromkeys(a.addr_spec for a in header_recipients(block, ("to", "cc", "bcc")) if a.valid)
         )
     if not rcpts:
-        print("bccguard: no envelope recipients (fix: pass --rcpt, or give the message To/Cc/Bcc)", file=sys.stderr)
+        print(
+            "bccguard: no envelope recipients (fix: pass --rcpt, or give the message To/Cc/Bcc)",
+            file=sys.stderr,
+        )
         return EX_USAGE
     env = Envelope(mail_from=mail_from, rcpt_tos=tuple(rcpts), smtputf8=not data.isascii())
     outcome = evaluate(data, env, cfg.policy)
@@ -177,7 +252,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         out_block = parse_header(outcome.message)
         result["headers"] = outcome.message[: out_block.body_offset].decode("utf-8", "surrogateescape")
     if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        text = json.dumps(result, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable 8-bit bytes in the message: escape, stay valid JSON
+            text = json.dumps(result, ensure_ascii=True)
+        print(text)
     else:
         _print_human(result, len(rcpts))
     return EX_CHANGED if v.changes_message else EX_OK
@@ -194,10 +274,11 @@ def _print_human(r: dict[str, Any], n_rcpts: int) -> None:
     }[r["action"]]
     print(f"action:   {r['action']} ({verb})")
     print(f"rule:     {r['rule']}")
-    print(f"exposure: {'yes' if r['exposure'] else 'no'}"
-          + (f" - {r['reason']}" if r["reason"] else ""))
-    print(f"visible:  {r['visible']} distinct addresses, {len(r['visible_external'])} external, "
-          f"{r['visible_consumer']} personal mailboxes; {n_rcpts} envelope recipients")
+    print(f"exposure: {'yes' if r['exposure'] else 'no'}" + (f" - {r['reason']}" if r["reason"] else ""))
+    print(
+        f"visible:  {r['visible']} distinct addresses, {len(r['visible_external'])} external, "
+        f"{r['visible_consumer']} personal mailboxes; {n_rcpts} envelope recipients"
+    )
     if r["hidden"]:
         print(f"hidden:   {r['hidden']}")
     if "headers" in r:

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import importlib.util
 import ipaddress
+import re
 import socket
 import tomllib
 import typing
@@ -108,17 +109,16 @@ def _consumer(value: str | list[str]) -> frozenset[str]:
     if not isinstance(value, str | list) or (
         isinstance(value, list) and not all(isinstance(v, str) for v in value)
     ):
-        raise ValueError(f"expected \"builtin\" or a list of domains, got {_describe(value)}")
+        raise ValueError(f'expected "builtin" or a list of domains, got {_describe(value)}')
     if isinstance(value, str):
         if value != "builtin":
-            raise ValueError(f"{value!r} is neither \"builtin\" nor a list of domains")
+            raise ValueError(f'{value!r} is neither "builtin" nor a list of domains')
         return builtin_consumer_domains()
     names = [v for v in value if v != "builtin"]
     base = builtin_consumer_domains() if len(names) != len(value) else frozenset()
     return base | _domains(names)
 
 
-SPLIT_AVAILABLE = False
 
 UPSTREAM_SCHEMES = ("smtp", "smtp+starttls", "smtps", "maildir")
 
@@ -219,7 +219,7 @@ class QuarantineConfig:
 def parse_duration(value: str | int | float) -> float:
     """'90s', '15m', '1h', '5d' or plain seconds -> seconds."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration like \"15m\"")
+        raise ValueError('expected a duration like "15m"')
     if isinstance(value, int | float):
         seconds = float(value)
     else:
@@ -230,7 +230,7 @@ def parse_duration(value: str | int | float) -> float:
         try:
             seconds = float(num) * (mult or 1)
         except ValueError:
-            raise ValueError(f"{value!r} is not a duration like \"15m\", \"1h\" or \"5d\"") from None
+            raise ValueError(f'{value!r} is not a duration like "15m", "1h" or "5d"') from None
     if seconds <= 0:
         raise ValueError(f"{value!r} is not a positive duration")
     return seconds
@@ -257,6 +257,33 @@ class SpoolConfig:
     )
 
 
+def _mailbox(value: str) -> str:
+    if value and (value.count("@") != 1 or any(c in value for c in " <>\r\n\t,;")):
+        raise ValueError(f"{value!r} is not a plain address")
+    return value
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Sender notices: a short plain-text note to the envelope sender after a change.
+
+    Off by default: an admin turns them on once the policy is tuned, so
+    senders are taught the Bcc habit rather than flooded during an audit.
+    `rate_limit` counts notices per sender per hour in each relay process
+    (kept in memory: a restart forgets it, so a sender may get a few more).
+    Empty `from` means `postmaster@<server.hostname>`.
+    """
+
+    enabled: bool = False
+    rate_limit: int = field(
+        default=10, metadata=_check(_non_negative, "notices per sender per hour, e.g. 10")
+    )
+    from_: str = field(
+        default="",
+        metadata={**_check(_mailbox, 'an address, e.g. "postmaster@corp.example"'), "key": "from"},
+    )
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     """Empty listen: no HTTP endpoint (metrics still counted in-process)."""
@@ -272,9 +299,11 @@ class LoggingConfig:
     level: str = field(
         default="info",
         metadata=_check(
-            lambda v: v.lower()
-            if v.lower() in ("debug", "info", "warning", "error")
-            else _raise(f"{v!r} is not a level"),
+            lambda v: (
+                v.lower()
+                if v.lower() in ("debug", "info", "warning", "error")
+                else _raise(f"{v!r} is not a level")
+            ),
             'one of "debug", "info", "warning", "error"',
         ),
     )
@@ -306,6 +335,9 @@ class PolicySettings:
     max_visible_consumer: int = field(default=1, metadata=_check(_non_negative, "e.g. 1"))
     action: Action = Action.REWRITE
     rewrite_to: RewriteTo = RewriteTo.SENDER
+    # Reply-all storm guard: rewritten/split copies get `Reply-To: <From>` when they have none,
+    # so a customer's "reply all" goes to the sender, not to every colleague left in Cc.
+    reply_to_sender: bool = False
 
 
 @dataclass(frozen=True)
@@ -329,6 +361,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -393,7 +426,12 @@ def _raw_type_ok(value: Any, tp: Any) -> bool:
 
 def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "source"}
+    # A field whose public key is a Python keyword (`from`) names it in metadata["key"].
+    fields = {
+        f.metadata.get("key", f.name): f
+        for f in dataclasses.fields(cls)
+        if f.init and f.name != "source"
+    }
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{path}{key}"
@@ -401,6 +439,7 @@ def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str])
         if f is None:
             problems.append(f"{where}: unknown key ({_suggest(key, fields)})")
             continue
+        key = f.name  # noqa: PLW2901 - from here on, the Python name
         tp = hints[key]
         check = f.metadata.get("check")
         fix = f.metadata.get("fix", "")
@@ -430,6 +469,8 @@ def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str])
 
 
 _RULE_KEYS = {"name", "senders"}
+# Rule names become metric label values and log fields: a closed, boring alphabet.
+RULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
@@ -451,31 +492,29 @@ def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
         if not isinstance(name, str) or not name:
             problems.append(f'{where}.name: missing (fix: name = "marketing")')
             name = f"rule{i}"
+        elif not RULE_NAME_RE.fullmatch(name):
+            problems.append(
+                f"{where}.name: {name!r} is not a rule name (fix: letters, digits, '_', '.', '-'; at most 64)"
+            )
         elif name in seen:
             problems.append(f"{where}.name: {name!r} is used twice (fix: give each rule its own name)")
         seen.add(name)
         senders = raw.get("senders")
-        if not isinstance(senders, list) or not senders or not all(
-            isinstance(s, str) and s for s in senders
-        ):
+        if not isinstance(senders, list) or not senders or not all(isinstance(s, str) and s for s in senders):
             problems.append(
-                f'{where}.senders: expected a non-empty list of patterns '
+                f"{where}.senders: expected a non-empty list of patterns "
                 f'(fix: senders = ["*@marketing.corp.example"])'
             )
             senders = []
         overrides = {k: v for k, v in raw.items() if k not in _RULE_KEYS}
         for k in list(overrides):
             if k not in setting_names:
-                problems.append(
-                    f"{where}.{k}: unknown key ({_suggest(k, setting_names | _RULE_KEYS)})"
-                )
+                problems.append(f"{where}.{k}: unknown key ({_suggest(k, setting_names | _RULE_KEYS)})")
                 del overrides[k]
         sub = _build(PolicySettings, overrides, f"{where}.", problems)
         if sub is None:
             continue
-        merged = dataclasses.replace(
-            defaults, **{k: getattr(sub, k) for k in overrides}
-        )
+        merged = dataclasses.replace(defaults, **{k: getattr(sub, k) for k in overrides})
         rules.append(Rule(name=name, senders=tuple(s.lower() for s in senders), settings=merged))
     return PolicyConfig(defaults=defaults, rules=tuple(rules))
 
@@ -501,19 +540,12 @@ def _cross_checks(cfg: Config, source: str) -> None:
     problems = []
     tls = cfg.server.tls
     if bool(tls.cert) != bool(tls.key):
-        problems.append(
-            "server.tls: cert and key go together (fix: set both paths, or neither)"
-        )
+        problems.append("server.tls: cert and key go together (fix: set both paths, or neither)")
     if tls.require_tls and not tls.cert:
         problems.append("server.tls.require_tls: needs server.tls.cert and key")
     for label, p in (("server.tls.cert", tls.cert), ("server.tls.key", tls.key)):
         if p and not Path(p).is_file():
             problems.append(f"{label}: {p} does not exist (fix: point it at a PEM file)")
-    for where, settings in [("policy", cfg.policy.defaults)] + [
-        (f"policy.rules[{r.name}]", r.settings) for r in cfg.policy.rules
-    ]:
-        if settings.action is Action.SPLIT and not SPLIT_AVAILABLE:
-            problems.append(f"{where}.action: split is not available in this version (fix: use rewrite)")
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
     if cfg.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
@@ -559,6 +591,7 @@ __all__ = [
     "ConfigError",
     "LoggingConfig",
     "MetricsConfig",
+    "NotifyConfig",
     "PolicyConfig",
     "PolicySettings",
     "QuarantineConfig",

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bccguard.config import Config
+from bccguard.notify import Notifier
 from bccguard.ops.logs import domain_of
 from bccguard.ops.metrics import Metrics
 from bccguard.policy.dsn import Failure, build_dsn
@@ -44,6 +45,7 @@ TEMPFAIL = {
     "protocol": "451 4.4.2 Upstream mail server connection broken, try again later",
     "4xx": "451 4.4.0 Upstream mail server deferred the message, try again later",
 }
+BIG_HEADER = 64 * 1024
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 DISK_ERROR = "451 4.3.0 Could not store the message, try again later"
 
@@ -71,6 +73,8 @@ class Runtime:
     spool: Spool
     metrics: Metrics
     log: Any
+    notifier: Notifier = field(default_factory=Notifier)  # the app passes one across reloads
+    wake: Callable[[], None] = lambda: None  # tell the spool runner new work is due now
     relay: Relay = field(init=False)
     _ids: itertools.count[int] = field(default_factory=itertools.count, init=False)
 
@@ -130,7 +134,12 @@ class Relay:
                 action = "reject"
             else:
                 t0 = time.perf_counter()
-                outcome = evaluate(content, env, rt.config.policy)
+                if content.find(b"\r\n\r\n", 0, BIG_HEADER) < 0 and len(content) > BIG_HEADER:
+                    # A header block this large takes tens of ms or more to parse:
+                    # in a thread, the other sessions keep being served meanwhile.
+                    outcome = await asyncio.to_thread(evaluate, content, env, rt.config.policy)
+                else:
+                    outcome = evaluate(content, env, rt.config.policy)
                 inspect_s = time.perf_counter() - t0
                 v = outcome.verdict
                 rule = v.rule
@@ -144,8 +153,12 @@ class Relay:
                 )
                 if v.would is not None:
                     log_fields["would"] = v.would.value
-                reply, upstream_fields = await self._act(outcome, env, session_id)
+                reply, upstream_fields = await self._act(outcome, env, content, session_id)
                 log_fields.update(upstream_fields)
+                try:
+                    await rt.notifier.after(rt, outcome, env, reply, session_id)
+                except Exception as exc:  # the reply is owed as it is; a notice never changes it
+                    rt.log.error("notice_failed", session_id=session_id, exc_info=exc)
                 if reply[0] == "4":
                     action = "tempfail"
         except Exception as exc:  # the promise: never a crash, never a 250 by accident
@@ -183,7 +196,9 @@ class Relay:
             return "552 5.3.4 Message header block too large"
         return None
 
-    async def _act(self, outcome: Outcome, env: Envelope, session_id: str) -> tuple[str, dict[str, Any]]:
+    async def _act(
+        self, outcome: Outcome, env: Envelope, content: bytes, session_id: str
+    ) -> tuple[str, dict[str, Any]]:
         v = outcome.verdict
         rt = self.rt
         if v.action is Action.REJECT:
@@ -202,8 +217,34 @@ class Relay:
                 {"quarantine_id": entry_id},
             )
         if v.action is Action.SPLIT:
-            raise NotImplementedError("split is refused by config validation until it lands")
+            return await self._split(outcome, env, content, session_id)
         return await self.forward(outcome.message, env, session_id)
+
+    async def _split(
+        self, outcome: Outcome, env: Envelope, content: bytes, session_id: str
+    ) -> tuple[str, dict[str, Any]]:
+        """Spool first: every copy is on disk before the client hears 250.
+
+        Several upstream transactions cannot be one atomic answer, so the
+        client's 250 means "bccguard holds every copy"; the spool runner
+        then delivers them in order and reports failures by DSN.
+        """
+        rt = self.rt
+        plan = outcome.split
+        if plan is None:  # evaluate() always plans a split; a bug, not the client's fault
+            raise RuntimeError("split verdict without a split plan")
+        try:
+            entry_id = await asyncio.to_thread(
+                rt.spool.put_split, content, env.mail_from, plan.copies, plan.render_json(),
+                smtputf8=env.smtputf8, origin=session_id,
+            )  # fmt: skip
+        except OSError as exc:
+            rt.log.error("spool_write_failed", session_id=session_id, error=exc.strerror)
+            return DISK_ERROR, {}
+        n = len(plan.copies)
+        rt.metrics.split_copy("created", n)
+        rt.wake()
+        return f"250 2.0.0 Ok: split into {n} copies", {"spool_id": entry_id, "copies": n}
 
     async def forward(self, message: bytes, env: Envelope, session_id: str) -> tuple[str, dict[str, Any]]:
         """Deliver `message` to every envelope recipient; the reply tells only the truth."""
@@ -279,9 +320,7 @@ class Relay:
                     message,
                     sender=env.mail_from,
                     reporting_mta=rt.config.server.hostname,
-                    failures=[
-                        Failure(r, _status(rep), f"{rep.code} {rep.text}") for r, rep in perm
-                    ],
+                    failures=[Failure(r, _status(rep), f"{rep.code} {rep.text}") for r, rep in perm],
                     explanation="Your message could not be delivered to the recipients below.",
                 )
                 await asyncio.to_thread(

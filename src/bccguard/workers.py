@@ -228,10 +228,10 @@ class Supervisor:
                 w.ready_r = -1
 
     def _start_ops(self) -> None:
-        from prometheus_client import CollectorRegistry  # noqa: PLC0415
-        from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
 
-        from bccguard.ops.http import OpsServer  # noqa: PLC0415
+        from bccguard.ops.http import OpsServer
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
@@ -248,7 +248,7 @@ class Supervisor:
         for metric in self._registry.collect():
             if metric.name == "bccguard_upstream_last_success_timestamp_seconds":
                 last = max((s.value for s in metric.samples), default=0.0)
-        from bccguard.app import READY_UPSTREAM_WINDOW  # noqa: PLC0415
+        from bccguard.app import READY_UPSTREAM_WINDOW
 
         if time.time() - last > READY_UPSTREAM_WINDOW:
             return False, "upstream not reachable recently"
@@ -262,7 +262,7 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_hup)
         try:
             self.start()
-            from bccguard.systemd import notify  # noqa: PLC0415
+            from bccguard.systemd import notify
 
             notify("READY=1")
             while not self._stop:
@@ -311,7 +311,7 @@ class Supervisor:
     def _mark_dead(self, pid: int) -> None:
         if self._metrics_dir is None:
             return
-        from prometheus_client import multiprocess  # noqa: PLC0415
+        from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid, self._metrics_dir)  # type: ignore[no-untyped-call]
 
@@ -348,7 +348,7 @@ class Supervisor:
 
 
 def _stderr_log(event: str, **fields: Any) -> None:
-    from bccguard.ops.logs import get_logger  # noqa: PLC0415
+    from bccguard.ops.logs import get_logger
 
     get_logger("bccguard.supervisor").info(event, **fields)
 

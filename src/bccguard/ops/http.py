@@ -55,7 +55,10 @@ class _Server6(_Server):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = REQUEST_TIMEOUT
-    protocol_version = "HTTP/1.1"  # keep-alive: Prometheus reuses its scrape connection
+    # HTTP/1.0: one request per connection. Keep-alive would save Prometheus one
+    # handshake per scrape, but a kept-alive connection is served by its own
+    # thread even after stop(), so a stopped relay would keep answering scrapes.
+    protocol_version = "HTTP/1.0"
     server_version = "bccguard"
     sys_version = ""
 

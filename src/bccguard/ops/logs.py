@@ -22,23 +22,23 @@ _SALT = b"bccguard-v1"
 
 def address_hash(address: str) -> str:
     """Short, stable, non-reversible tag for an address (12 hex chars of BLAKE2b)."""
-    return hashlib.blake2b(address.lower().encode("utf-8", "surrogateescape"), digest_size=6,
-                           key=_SALT).hexdigest()
+    return hashlib.blake2b(
+        address.lower().encode("utf-8", "surrogateescape"), digest_size=6, key=_SALT
+    ).hexdigest()
 
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def configure(level: str = "info", fmt: str = "auto", *, log_addresses: bool = False,
-              stream: Any = None) -> None:
+def configure(
+    level: str = "info", fmt: str = "auto", *, log_addresses: bool = False, stream: Any = None
+) -> None:
     """Route structlog and stdlib logging through one renderer on `stream` (stderr)."""
     stream = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and hasattr(stream, "isatty") and stream.isatty())
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=False)
-        if use_console
-        else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=False) if use_console else structlog.processors.JSONRenderer()
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

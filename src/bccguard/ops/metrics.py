@@ -20,8 +20,7 @@ Why it looks like this:
   aggregated (`multiprocess_mode`). `Info` is not supported in that mode, so
   build info is a gauge fixed at 1.
 
-To add a metric (issue 4: spool depth, retries, split copies, releases,
-notices): declare it in `__init__` with `registry=self.registry`, create its
+To add a metric: declare it in `__init__` with `registry=self.registry`, create its
 label values with `_children` from a module-level tuple, and add one method
 that does the update. Keep the tuple next to the others so the closed sets
 stay visible in one place.
@@ -57,6 +56,15 @@ CONNECTION_RESULTS: Final = (
 )
 REPLY_CLASSES: Final = ("2xx", "3xx", "4xx", "5xx")
 RELOAD_RESULTS: Final = ("success", "failure")
+# Spool entry kinds (store/spool.py KINDS): what a retry was for.
+SPOOL_KINDS: Final = ("retry", "split", "dsn", "notice")
+# A split copy is created when spooled, then delivered or failed (DSN to the sender).
+SPLIT_COPY_EVENTS: Final = ("created", "delivered", "failed")
+# `bccguard quarantine release`: all recipients accepted, some, or none (entry kept).
+RELEASE_RESULTS: Final = ("released", "partial", "failed")
+# Sender notices: spooled for delivery, dropped by the per-sender rate limit, or
+# suppressed because the message was automatic (bounce, list, auto-reply).
+NOTICE_RESULTS: Final = ("sent", "rate_limited", "suppressed")
 
 DEFAULT_RULE: Final = "default"
 # A config has a handful of rules; a caller passing something unbounded (a
@@ -237,6 +245,37 @@ class Metrics:
             registry=r, multiprocess_mode="mostrecent",
         )  # fmt: skip
 
+        # --- spool: shared on disk like the quarantine, read by the one runner.
+        self._spool_entries = Gauge(
+            f"{p}_spool_entries", "Spool entries (messages) with copies not yet accepted upstream.",
+            registry=r, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self._spool_copies = Gauge(
+            f"{p}_spool_copies", "Copies (upstream transactions) waiting in the spool.",
+            registry=r, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        spool_retries = Counter(
+            f"{p}_spool_retries", "Spooled copies rescheduled after a failed attempt, by entry kind.",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self._spool_retries = {k: c for (k,), c in _children(spool_retries, SPOOL_KINDS).items()}
+        split_copies = Counter(
+            f"{p}_split_copies", "Copies of split messages: created (spooled), delivered, failed.",
+            ["event"], registry=r,
+        )  # fmt: skip
+        self._split_copies = {k: c for (k,), c in _children(split_copies, SPLIT_COPY_EVENTS).items()}
+        releases = Counter(
+            f"{p}_quarantine_releases",
+            "Quarantine releases by result, as recorded in the audit log (the CLI does them).",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self._releases = {k: c for (k,), c in _children(releases, RELEASE_RESULTS).items()}
+        notices = Counter(
+            f"{p}_notices", "Sender notices: sent (spooled), rate_limited, or suppressed.",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self._notices = {k: c for (k,), c in _children(notices, NOTICE_RESULTS).items()}
+
         # --- process
         reloads = Counter(
             f"{p}_config_reloads", "Configuration reloads (SIGHUP), by result.",
@@ -365,6 +404,29 @@ class Metrics:
         self._quarantine_messages.set(messages)
         self._quarantine_bytes.set(bytes_)
 
+    # ------------------------------------------------------------------ spool
+
+    def spool_set(self, entries: int, copies: int) -> None:
+        """The spool's current depth, as seen by the runner after a pass."""
+        self._spool_entries.set(entries)
+        self._spool_copies.set(copies)
+
+    def spool_retry(self, kind: str) -> None:
+        """A spooled copy failed for now and was rescheduled."""
+        _get(self._spool_retries, kind, "spool kind").inc()
+
+    def split_copy(self, event: str, n: int = 1) -> None:
+        """Split copies created (at spool time), delivered or failed (in the runner)."""
+        _get(self._split_copies, event, "split copy event").inc(n)
+
+    def quarantine_release(self, result: str) -> None:
+        """One release recorded in the quarantine audit log."""
+        _get(self._releases, result, "release result").inc()
+
+    def notice(self, result: str) -> None:
+        """A sender notice was spooled, or not (and why)."""
+        _get(self._notices, result, "notice result").inc()
+
     # ---------------------------------------------------------------- process
 
     def config_reload(self, ok: bool) -> None:
@@ -403,10 +465,14 @@ __all__ = [
     "CONNECTION_RESULTS",
     "DEFAULT_RULE",
     "MAX_RULES",
+    "NOTICE_RESULTS",
     "OVERFLOW_RULE",
     "PREVENTING_ACTIONS",
+    "RELEASE_RESULTS",
     "RELOAD_RESULTS",
     "REPLY_CLASSES",
+    "SPLIT_COPY_EVENTS",
+    "SPOOL_KINDS",
     "UPSTREAM_FAILURE_KINDS",
     "Metrics",
     "exposition_registry",

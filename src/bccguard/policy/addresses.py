@@ -59,30 +59,70 @@ class Group:
 
 Item = Mailbox | Group
 
-# --- fast path -------------------------------------------------------------
-# ASCII only, no comments, no dots in the display name, no encoded words: what
-# it accepts the tokenizer would parse the same way (a property test checks).
+# --- fast paths --------------------------------------------------------------
+# Tier 1 (_FAST): ASCII only, no comments, no dots in the display name. Tier 2
+# (_MEDIUM): the same grammar as the tokenizer for everything but groups,
+# routes, domain literals and nested comments: CFWS anywhere, obs-phrase,
+# quoted strings with escapes, an optional trailing dot on the domain. Both
+# use possessive quantifiers, so a failed match cannot backtrack
+# exponentially. Whatever they accept the tokenizer parses the same way (a
+# property test checks); whatever they refuse, it parses instead.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_QWORD = r'"[^"\\\r\n]*"'
-_WORD = rf"(?:{_ATEXT}+|{_QWORD})"
-_FWS = r"(?:[ \t]|\r?\n)*"
+_DOT_ATOM = rf"{_ATEXT}++(?:\.{_ATEXT}++)*+"
+_QWORD = r'"[^"\\\r\n]*+"'
+_WORD = rf"(?:{_ATEXT}++|{_QWORD})"
+_FWS = r"[ \t\r\n]*+"
 _FAST = re.compile(
     rf"""{_FWS}
     (?P<mb>
-      (?P<display>{_WORD}(?:[ \t]+{_WORD})*)?[ \t]*<(?P<l1>{_DOT_ATOM})@(?P<d1>{_DOT_ATOM})>
+      (?P<display>{_WORD}(?:[ \t]++{_WORD})*+)?[ \t]*+<(?P<l1>{_DOT_ATOM})@(?P<d1>{_DOT_ATOM})>
     | (?P<l2>{_DOT_ATOM})@(?P<d2>{_DOT_ATOM})
     )
     {_FWS}(?:,|\Z)""",
     re.VERBOSE,
 )
+_MATOM = r"[^\x00-\x20\x7f()<>\[\]:;@\\,.\"]++"
+_MQUOTED = r'"(?:[^"\\]++|\\.)*+"'
+_MCFWS = r"(?:[ \t\r\n]++|\((?:[^()\\]++|\\.)*+\))*+"
+_MWORD = rf"(?:{_MATOM}|{_MQUOTED})"
+_MPHRASE = rf"{_MWORD}(?:{_MCFWS}(?:{_MWORD}|\.))*+"
+
+
+def _mspec(n: int) -> str:
+    local = rf"(?P<l{n}>{_MWORD}(?:{_MCFWS}\.{_MCFWS}{_MWORD})*+)"
+    domain = rf"(?P<d{n}>{_MATOM}(?:{_MCFWS}\.{_MCFWS}{_MATOM})*+(?:{_MCFWS}\.)?+)"
+    return rf"{local}{_MCFWS}@{_MCFWS}{domain}"
+
+
+_MEDIUM = re.compile(
+    rf"""[ \t\r\n]*+
+    (?P<mb>{_MCFWS}
+      (?:(?P<display>{_MPHRASE}){_MCFWS})?<{_MCFWS}{_mspec(1)}{_MCFWS}>{_MCFWS}
+    | {_MCFWS}{_mspec(2)}{_MCFWS}
+    )(?:[,;]|\Z)""",
+    re.VERBOSE | re.DOTALL,
+)
+# Inside a matched local part or domain: keep quoted strings (unfolded),
+# drop comments and blanks.
+_MSTRIP = re.compile(r'("(?:[^"\\]++|\\.)*+")|\((?:[^()\\]++|\\.)*+\)|[ \t\r\n]++', re.DOTALL)
+_MDIRTY = re.compile(r'[ \t\r\n"(]')
+_MREFUSE = re.compile(r"=\?|[\ud800-\udfff]")
+
+
+def _mclean(text: str) -> str:
+    if _MDIRTY.search(text) is None:
+        return text
+    return _MSTRIP.sub(lambda m: _FOLD.sub("", m.group(1)) if m.group(1) else "", text)
+
 
 # --- tokenizer -------------------------------------------------------------
 _WS, _ATOM, _SPECIAL, _OPEN, _JUNK = 1, 2, 3, 4, 5
 _QUOTED, _COMMENT, _LITERAL = 6, 7, 8
 _TOKEN = re.compile(
-    r"((?:[ \t]|\r?\n)+)"  # FWS; a bare CR is junk
-    r"|([^\x00-\x20\x7f()<>\[\]:;@\\,.\"\ud800-\udfff]+)"  # atext, UTF-8 allowed (RFC 6532)
+    r"([ \t\r\n]+)"  # FWS; a stray CR counts as blank too (never as a line end)
+    # atext; UTF-8 is allowed (RFC 6532) and so are undecodable bytes (surrogates):
+    # legacy Latin-1 display names are common, but _addr_spec refuses them.
+    r"|([^\x00-\x20\x7f()<>\[\]:;@\\,.\"]+)"
     r"|([<>:;@,.])"
     r"|([\"(\[])"
     r"|(.)",
@@ -93,8 +133,10 @@ _QUOTED_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _LITERAL_RE = re.compile(r"\[[^\[\]\\]*(?:\\.[^\[\]\\]*)*\]", re.DOTALL)
 _CTEXT_RE = re.compile(r"[^()\\]*")
 _DTEXT_OK = re.compile(r"\[(?:[\x21-\x5a\x5e-\x7e]|[ \t]|\r?\n)*\]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+_GROUP_TAIL = re.compile(r"[ \t\r\n]*+,")
 _DOMAIN_JUNK = re.compile(r"[\s<>(),;:\"\\]")
 
 Token = tuple[int, int, int, bool]  # kind, start, end, well-formed
@@ -202,6 +244,8 @@ def _addr_spec(value: str, toks: list[Token]) -> tuple[str, str] | None:
         return None
     if _ENCODED_WORD.search(local) or _ENCODED_WORD.search(domain):
         return None
+    if _SURROGATE.search(local) or _SURROGATE.search(domain):
+        return None  # bytes that are not UTF-8: no mail system can route them
     return local, domain
 
 
@@ -254,9 +298,14 @@ def _mailbox(value: str, toks: list[Token], ok: bool) -> Mailbox | None:
     if lo == hi:
         return None
     start, end = toks[lo][1], toks[hi - 1][2]
+    while value[end - 1] in " \t\r\n":  # an unterminated comment took the blanks too
+        end -= 1
     sig = [t for t in toks[lo:hi] if _is_sig(t)]
     if not sig and all(t[3] for t in toks[lo:hi]):
         return None  # only comments: an empty obs-addr-list element
+    # An unterminated comment or quote anywhere makes the element invalid:
+    # what it swallowed may still be shown to recipients.
+    ok = ok and all(t[3] for t in toks[lo:hi])
     parsed = _parse_mailbox(value, sig) if ok else None
     if parsed is None:
         return Mailbox(_invalid(value, start, end), start, end)
@@ -268,8 +317,6 @@ def _mailbox(value: str, toks: list[Token], ok: bool) -> Mailbox | None:
 
 def _parse_mailbox(value: str, sig: list[Token]) -> tuple[str, str, str | None] | None:
     """`(local, domain, display)` for a well-formed mailbox, else None."""
-    if not all(t[3] for t in sig):
-        return None
     lt = [i for i, t in enumerate(sig) if _is_char(value, t, "<")]
     if not lt:
         spec = _addr_spec(value, sig)
@@ -293,6 +340,25 @@ def _parse_mailbox(value: str, sig: list[Token]) -> tuple[str, str, str | None] 
         inner = inner[colons[0] + 1 :]
     spec = _addr_spec(value, inner)
     return None if spec is None else (spec[0], spec[1], display)
+
+
+def _medium(value: str, pos: int) -> tuple[Mailbox, int] | None:
+    """The tier-2 regex at `pos`: the mailbox and where its separator ends, or None."""
+    m = _MEDIUM.match(value, pos)
+    if m is None:
+        return None
+    local = m.group("l1") or m.group("l2")
+    domain = m.group("d1") or m.group("d2")
+    if _MREFUSE.search(local) is not None or _MREFUSE.search(domain) is not None:
+        return None  # the tokenizer knows how to refuse these
+    start, end = m.span("mb")
+    while value[end - 1] in " \t\r\n":
+        end -= 1
+    domain = _mclean(domain).removesuffix(".")
+    address = Address(
+        _mclean(local), normalize_domain(domain), value[start:end], m.group("display"), True
+    )
+    return Mailbox(address, start, end), m.end()
 
 
 def _slow_item(value: str, pos: int, items: list[Item]) -> int:
@@ -319,6 +385,18 @@ def _slow_item(value: str, pos: int, items: list[Item]) -> int:
         ok = True
 
     while pos < n:
+        if group is not None and not toks:
+            # A group member: the regex tier handles the usual shapes here too.
+            found = _medium(value, pos)
+            if found is not None:
+                group[3].append(found[0])
+                pos = found[1]
+                if value[pos - 1] != ";":
+                    continue
+                display, gstart, _, members = group
+                items.append(Group(display, tuple(members), gstart, pos))
+                sep = _GROUP_TAIL.match(value, pos)
+                return sep.end() if sep is not None else pos
         tok = _next_token(value, pos)
         pos = tok[2]
         if tok[0] == _SPECIAL:
@@ -347,6 +425,10 @@ def _slow_item(value: str, pos: int, items: list[Item]) -> int:
                 if group is not None:
                     display, gstart, _, members = group
                     items.append(Group(display, tuple(members), gstart, pos))
+                    # Take the comma after the group too, so the fast path resumes.
+                    sep = _GROUP_TAIL.match(value, pos)
+                    if sep is not None:
+                        return sep.end()
                 # Outside a group a ';' is what Outlook users type between
                 # addresses: split there, or `a@x;b@y;...` would count as one.
                 return pos
@@ -376,6 +458,11 @@ def parse_address_list(value: str) -> list[Item]:
             address = Address(local, normalize_domain(domain), raw, m.group("display"), True)
             items.append(Mailbox(address, start, end))
             pos = m.end()
+            continue
+        found = _medium(value, pos)
+        if found is not None:
+            items.append(found[0])
+            pos = found[1]
             continue
         pos = _slow_item(value, pos, items)
     return items

@@ -31,9 +31,17 @@ def select_rule(policy: PolicyConfig, envelope: Envelope) -> tuple[str, PolicySe
     return DEFAULT_RULE, policy.defaults
 
 
-def hidden_set(visible: Sequence[Address], settings: PolicySettings) -> set[str]:
-    """The distinct addr-specs a rewrite removes: every external (incl. consumer) address."""
-    return {a.addr_spec for a in visible if classify(a, settings).is_external}
+def _extra_specs(a: Address) -> list[str]:
+    """Malformed text like `a@x b@y c@z` (no commas) may hide several addresses.
+
+    Counting each further `@` in it as one more external address errs on the
+    side of the customers: a list mangled on purpose cannot slip under the
+    threshold. These only count; they are never reported as addresses.
+    """
+    if a.valid:
+        return []
+    n = max(a.raw.count("@"), a.local.count("@") + (1 if a.domain else 0))
+    return [f"{a.addr_spec}#{k}" for k in range(1, n)]
 
 
 def decide(envelope: Envelope, visible: Sequence[Address], policy: PolicyConfig) -> Verdict:
@@ -41,19 +49,19 @@ def decide(envelope: Envelope, visible: Sequence[Address], policy: PolicyConfig)
     external: set[str] = set()
     consumer: set[str] = set()
     distinct: set[str] = set()
+    hidden_in_junk: set[str] = set()  # extra addresses that malformed text may hold
     for a in visible:
         spec = a.addr_spec
         distinct.add(spec)
         cls = classify(a, settings)
         if cls.is_external:
             external.add(spec)
+            hidden_in_junk.update(_extra_specs(a))
             if cls is AddressClass.CONSUMER:
                 consumer.add(spec)
     external_rcpts = sum(1 for r in envelope.rcpt_tos if classify_rcpt(r, settings).is_external)
-    too_many = (
-        len(external) > settings.max_visible_external
-        or len(consumer) > settings.max_visible_consumer
-    )
+    n_external = len(external) + len(hidden_in_junk)
+    too_many = n_external > settings.max_visible_external or len(consumer) > settings.max_visible_consumer
     exposure = external_rcpts > 0 and too_many
     common = {
         "rule": rule,
@@ -66,10 +74,14 @@ def decide(envelope: Envelope, visible: Sequence[Address], policy: PolicyConfig)
     if not exposure:
         return Verdict(action=Action.PASS, **common)  # type: ignore[arg-type]
     action = settings.action
-    reason = exposure_reason(len(external), len(consumer), settings)
+    reason = exposure_reason(n_external, len(consumer), settings)
     if action is Action.AUDIT:
         return Verdict(
-            action=action, would=Action.REWRITE, hidden=len(external), reason=reason, **common  # type: ignore[arg-type]
+            action=action,
+            would=Action.REWRITE,
+            hidden=len(external),
+            reason=reason,
+            **common,  # type: ignore[arg-type]
         )
     hidden = len(external) if action in (Action.REWRITE, Action.SPLIT) else 0
     return Verdict(action=action, hidden=hidden, reason=reason, **common)  # type: ignore[arg-type]

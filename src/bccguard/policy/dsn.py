@@ -76,9 +76,7 @@ def build_dsn(
         f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n{status}",
         f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n",
     ]
-    out = (head + "\r\n\r\n" + "\r\n".join(parts[:2]) + "\r\n" + parts[2]).encode(
-        "utf-8", "surrogateescape"
-    )
+    out = (head + "\r\n\r\n" + "\r\n".join(parts[:2]) + "\r\n" + parts[2]).encode("utf-8", "surrogateescape")
     return out + original_headers + f"--{boundary}--\r\n".encode()
 
 

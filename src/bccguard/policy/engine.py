@@ -10,11 +10,12 @@ from dataclasses import dataclass, replace
 
 from bccguard.config import PolicyConfig, PolicySettings
 from bccguard.policy.addresses import first_from, visible_recipients
-from bccguard.policy.classify import classify
+from bccguard.policy.classify import classify, classify_rcpt, envelope_domain
 from bccguard.policy.decide import decide, select_rule
 from bccguard.policy.headers import HeaderBlock, parse_header
 from bccguard.policy.model import Action, Address, Envelope, RewriteTo, Verdict
 from bccguard.policy.rewrite import rewrite_headers
+from bccguard.policy.split import SplitPlan, plan_split
 
 UNDISCLOSED = "undisclosed-recipients:;"
 
@@ -24,7 +25,8 @@ class Outcome:
     verdict: Verdict
     block: HeaderBlock
     visible: tuple[Address, ...]
-    message: bytes  # what goes upstream: the original, or the rewritten copy for REWRITE
+    message: bytes  # what goes upstream: the original, or the rewritten copy for REWRITE/SPLIT
+    split: SplitPlan | None = None  # SPLIT only: the copies, rendered from the original
 
 
 def to_fallback(block: HeaderBlock, envelope: Envelope, settings: PolicySettings) -> str:
@@ -38,15 +40,47 @@ def to_fallback(block: HeaderBlock, envelope: Envelope, settings: PolicySettings
     return UNDISCLOSED
 
 
+def reply_to_for(block: HeaderBlock, settings: PolicySettings) -> str | None:
+    """The Reply-To the storm guard adds: the From mailbox, if asked for and none is set."""
+    if not settings.reply_to_sender or block.get_all("reply-to"):
+        return None
+    sender = first_from(block)
+    return sender.address.raw if sender is not None else None
+
+
 def evaluate(message: bytes, envelope: Envelope, policy: PolicyConfig) -> Outcome:
     block = parse_header(message)
     visible = tuple(visible_recipients(block))
     verdict = decide(envelope, visible, policy)
     out = message
-    if verdict.action is Action.REWRITE:
+    split = None
+    if verdict.action in (Action.REWRITE, Action.SPLIT):
         out, hidden = rewrite_for(message, block, envelope, policy, verdict)
         verdict = replace(verdict, hidden=hidden)
-    return Outcome(verdict=verdict, block=block, visible=visible, message=out)
+    if verdict.action is Action.SPLIT:
+        split = split_for(block, visible, envelope, policy, verdict)
+    return Outcome(verdict=verdict, block=block, visible=visible, message=out, split=split)
+
+
+def split_for(
+    block: HeaderBlock,
+    visible: tuple[Address, ...],
+    envelope: Envelope,
+    policy: PolicyConfig,
+    verdict: Verdict,
+) -> SplitPlan:
+    """One copy per external envelope recipient, one shared copy for the rest."""
+    _, settings = select_rule(policy, envelope)
+    return plan_split(
+        visible,
+        envelope.rcpt_tos,
+        hide=verdict.visible_external,
+        is_external=lambda r: classify_rcpt(r, settings).is_external,
+        domain_of=envelope_domain,
+        to_fallback=to_fallback(block, envelope, settings),
+        stamp=f"split; hidden={verdict.hidden}",
+        reply_to=reply_to_for(block, settings),
+    )
 
 
 def rewrite_for(
@@ -60,5 +94,6 @@ def rewrite_for(
         block,
         lambda a: classify(a, settings).is_external,
         to_fallback=to_fallback(block, envelope, settings),
-        stamp=f"rewritten; hidden={n}",
+        stamp=f"{'split' if verdict.action is Action.SPLIT else 'rewritten'}; hidden={n}",
+        reply_to=reply_to_for(block, settings),
     )

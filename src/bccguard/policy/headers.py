@@ -103,7 +103,6 @@ def parse_header(message: bytes) -> HeaderBlock:
         value = raw.decode("utf-8", "surrogateescape")
         fields.append(Field(name, name.lower(), start, cur_end, value))
 
-    first = True
     while pos < n:
         nl = message.find(b"\n", pos)
         line_end = n if nl == -1 else nl + 1
@@ -122,14 +121,12 @@ def parse_header(message: bytes) -> HeaderBlock:
         else:
             close()
             cur = None
-            parsed = None
-            if not (first and message.startswith(b"From ", pos)):
-                parsed = _field_name(message[pos:content_end])
+            # An mbox "From sender date" line fails here too: its "name" has spaces.
+            parsed = _field_name(message[pos:content_end])
             if parsed is not None:
                 name, colon = parsed
                 cur = (name, pos, pos + colon + 1)
                 cur_end = line_end
-        first = False
         pos = line_end
     close()
     return HeaderBlock(tuple(fields), body_offset, eol, header_end)

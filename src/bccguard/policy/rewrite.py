@@ -164,6 +164,14 @@ def _stamp_field(stamp: str, eol: str) -> bytes:
     return _fold("X-BCCGuard", [_flat(stamp)], eol)
 
 
+def _added_fields(block: HeaderBlock, stamp: str, reply_to: str | None, eol: str) -> bytes:
+    """Fields appended to the header: Reply-To (storm guard, only if absent) and the stamp."""
+    out = b""
+    if reply_to and not block.get_all("reply-to"):
+        out += _fold("Reply-To", [_flat(reply_to).strip()], eol)
+    return out + _stamp_field(stamp, eol)
+
+
 def rewrite_headers(
     message: bytes,
     block: HeaderBlock,
@@ -171,6 +179,7 @@ def rewrite_headers(
     *,
     to_fallback: str,
     stamp: str,
+    reply_to: str | None = None,
 ) -> tuple[bytes, int]:
     """Remove hidden mailboxes from To/Cc/Resent-To/Resent-Cc; drop Bcc/Resent-Bcc.
 
@@ -178,7 +187,9 @@ def rewrite_headers(
     (Bcc contents are not counted: they were never visible). A field left
     empty is dropped, a group left empty stays as `Name:;`, and when no To
     field remains a `To: {to_fallback}` takes the place of the first one
-    (or goes at the end of the header). `X-BCCGuard: {stamp}` is appended.
+    (or goes at the end of the header). `X-BCCGuard: {stamp}` is appended,
+    and `Reply-To: {reply_to}` when given and the message has no Reply-To
+    (so "reply all" from a customer reaches the sender, not the Cc list).
     """
     eol = block.eol.decode("ascii")
     plan: Plan = {}
@@ -198,27 +209,33 @@ def rewrite_headers(
             plan[to_fields[0]] = fallback
         else:
             tail += fallback
-    tail += _stamp_field(stamp, eol)
+    tail += _added_fields(block, stamp, reply_to, eol)
     return _assemble(message, block, plan, tail), len(removed)
 
 
 def personalize(
     message: bytes,
     block: HeaderBlock,
-    recipient: Mailbox | Address,
+    recipient: Mailbox | Address | str,
     *,
     keep: Callable[[Address], bool],
     stamp: str,
+    reply_to: str | None = None,
 ) -> bytes:
     """One copy for one external recipient, who sees only themself and `keep` addresses.
 
     `To` becomes the recipient alone: its raw header text when there is one
     (display name kept), else its addr-spec. Cc, Resent-To and Resent-Cc
     keep only the mailboxes `keep` accepts; Bcc and Resent-Bcc are dropped;
-    Message-ID and every other field stay byte for byte.
+    Message-ID and every other field stay byte for byte. A `str` recipient
+    is the To text itself (what a spooled split copy stores). `reply_to` as
+    in `rewrite_headers`.
     """
-    address = recipient.address if isinstance(recipient, Mailbox) else recipient
-    text = address.raw if address.valid and address.raw else address.addr_spec
+    if isinstance(recipient, str):
+        text = recipient
+    else:
+        address = recipient.address if isinstance(recipient, Mailbox) else recipient
+        text = address.raw if address.valid and address.raw else address.addr_spec
     eol = block.eol.decode("ascii")
     to_field = _fold("To", [_flat(text).strip()], eol)
     plan: Plan = {}
@@ -235,5 +252,5 @@ def personalize(
             if new is not _KEEP:
                 plan[i] = new if isinstance(new, bytes) else None
     tail = b"" if placed else to_field
-    tail += _stamp_field(stamp, eol)
+    tail += _added_fields(block, stamp, reply_to, eol)
     return _assemble(message, block, plan, tail)

@@ -29,7 +29,7 @@ def split_path(arg: str) -> tuple[str, str] | None:
     addr = m.group(1)
     if addr.startswith("@") or '"' in addr:  # source routes, quoted parts: the full parser
         return None
-    return addr, arg[m.end():]
+    return addr, arg[m.end() :]
 
 
 def path_problem(address: str, *, smtputf8: bool) -> str | None:

@@ -16,6 +16,7 @@ leak mail is done here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import ipaddress
 import time
@@ -33,6 +34,15 @@ if TYPE_CHECKING:
 
 TERMINATOR = b"\r\n.\r\n"
 READ_CHUNK = 256 * 1024
+
+
+class NullPath(str):
+    """The null reverse-path `<>`: equal to "", but true, for aiosmtpd's "MAIL given?" test."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return True
 
 
 class SessionGate:
@@ -88,7 +98,7 @@ def hook_names(obj: object) -> list[str]:
     return names
 
 
-class RelaySMTP(SMTP):  # type: ignore[misc]
+class RelaySMTP(SMTP):
     """One client session. `runtime_ref()` returns the config snapshot in force for it."""
 
     def __dir__(self) -> list[str]:
@@ -126,6 +136,10 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         self.busy = False  # inside DATA: SIGTERM lets it finish
         self.closing = False
         self.session_id = ""
+        self.refusal_logged = False  # one log line and one count per refused session
+        self.allowed = False  # client in allowed_networks, checked once per config snapshot
+        self.allowed_for: object = None
+        self.accepted_counted = False
 
     # ------------------------------------------------------------ lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -167,10 +181,8 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
         self.closing = True
         if self.busy or self.transport is None:
             return
-        try:
+        with contextlib.suppress(ConnectionError, RuntimeError):
             await self.push("421 4.3.2 Service shutting down, try again later")
-        except (ConnectionError, RuntimeError):
-            pass
         if self.transport is not None:
             self.transport.close()
 
@@ -195,8 +207,10 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         fast = split_path(arg)
         if fast is not None:
+            if fast[0] == "":  # `<>`: aiosmtpd would answer 501 to a falsy address
+                return NullPath(), fast[1]
             return fast
-        return super()._getaddr(arg)  # type: ignore[no-any-return]
+        return super()._getaddr(arg)
 
     # ------------------------------------------------------------ DATA
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -223,7 +237,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
             if problem is None:
                 problem = check_content(content)
             if problem is not None:
-                self._set_post_data_state()
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
                 await self.push(problem)
                 return
             self.envelope.content = content
@@ -232,7 +246,7 @@ class RelaySMTP(SMTP):  # type: ignore[misc]
             # transaction we are about to answer for.
             self._reset_timeout(runtime.config.upstream.timeout * 6 + server.data_timeout)
             status = await self._call_handler_hook("DATA")
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push("250 OK" if status is MISSING else status)
         finally:
             self.busy = False
@@ -360,7 +374,9 @@ class RelayHandler:
         # aiosmtpd answers pipelined commands in order but does not say so.
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
-    async def handle_PROXY(self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
+    async def handle_PROXY(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data: Any
+    ) -> bool:
         """Trust the header: only a configured load balancer can reach a proxy_protocol listener."""
         return bool(getattr(proxy_data, "valid", False) or getattr(proxy_data, "src_addr", None))
 
@@ -372,7 +388,9 @@ class RelayHandler:
             problem = path_problem(address, smtputf8=smtputf8)
             if problem is not None:
                 return problem
-        envelope.mail_from = address
+        # aiosmtpd 1.4.6 answers RCPT "503 need MAIL" when mail_from is falsy, so the
+        # null sender (bounces, DSNs: RFC 5321 4.5.5) is kept as a truthy "".
+        envelope.mail_from = address or NullPath()
         envelope.mail_options.extend(options)
         envelope.smtp_utf8 = smtputf8
         return "250 2.1.0 Ok"
@@ -384,15 +402,13 @@ class RelayHandler:
         cfg = runtime.config.server
         # The network check parses the client address: once per session and
         # config snapshot, not per RCPT (4 us each, 0.4 ms for 100 recipients).
-        allowed = getattr(session, "bccguard_allowed", None)
-        if allowed is None or allowed[0] is not cfg:
+        if server.allowed_for is not cfg:
+            server.allowed = client_allowed(runtime.client_ip(session), cfg.allowed_networks)
+            server.allowed_for = cfg
+        if not (session.authenticated or server.allowed):
             ip = runtime.client_ip(session)
-            allowed = (cfg, client_allowed(ip, cfg.allowed_networks))
-            session.bccguard_allowed = allowed  # type: ignore[attr-defined]
-        if not (session.authenticated or allowed[1]):
-            ip = runtime.client_ip(session)
-            if not getattr(session, "bccguard_refused", False):
-                session.bccguard_refused = True
+            if not server.refusal_logged:
+                server.refusal_logged = True
                 runtime.metrics.connection("refused_network")
                 runtime.log.warning("relay_refused", session_id=server.session_id, client=ip)
             return "554 5.7.1 Relay access denied: your address is not allowed to relay through this server"
@@ -401,8 +417,8 @@ class RelayHandler:
         problem = path_problem(address, smtputf8=bool(envelope.smtp_utf8))
         if problem is not None:
             return problem
-        if not getattr(session, "bccguard_counted", False):
-            session.bccguard_counted = True
+        if not server.accepted_counted:
+            server.accepted_counted = True
             runtime.metrics.connection("accepted")
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -413,9 +429,9 @@ class RelayHandler:
         started = time.perf_counter()
         task = asyncio.ensure_future(
             runtime.relay.process(
-                mail_from=envelope.mail_from or "",
+                mail_from=str(envelope.mail_from or ""),  # NullPath -> plain ""
                 rcpt_tos=tuple(envelope.rcpt_tos),
-                content=envelope.original_content,
+                content=envelope.original_content or b"",
                 smtputf8=bool(envelope.smtp_utf8),
                 auth_user=getattr(session, "bccguard_user", None),
                 session_id=server.session_id,

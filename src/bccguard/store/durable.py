@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ID_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}")
+JOURNAL = ".done"  # an entry's append-only journal, next to its .json (see spool.py)
 
 
 def new_id() -> str:
@@ -64,6 +65,48 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+def append_record(path: Path, record: bytes) -> None:
+    """Append one newline-terminated record to `path`; durable once this returns.
+
+    O_APPEND + fsync: one small write, whatever the file's size. The file is
+    created by its first record, and only then is the directory fsync'ed, so
+    the file itself survives a crash. A record an earlier crash tore (no
+    final newline) is cut off first: glued to this one it would read as a
+    different, complete record ("12" + "7\n" -> "127\n").
+    """
+    if not record.endswith(b"\n") or b"\n" in record[:-1]:
+        raise ValueError("a record is one line, newline-terminated")
+    created = True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        created = False
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        if not created:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                os.ftruncate(fd, os.pread(fd, size, 0).rfind(b"\n") + 1)
+        view = memoryview(record)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
+
+
+def read_records(path: Path) -> list[bytes]:
+    """The complete records of an append-only file: a torn last one (no newline) is left out."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return data[: data.rfind(b"\n") + 1].splitlines()
+
+
 def write_entry(directory: Path, entry_id: str, message: bytes, meta: dict[str, Any]) -> None:
     """Message first, metadata last: an entry exists once its .json does.
 
@@ -80,10 +123,15 @@ def read_meta(directory: Path, entry_id: str) -> dict[str, Any]:
 
 
 def remove_entry(directory: Path, entry_id: str) -> None:
-    """Metadata first, so a crash mid-way leaves an orphan, not a half entry."""
+    """Metadata first, so a crash mid-way leaves an orphan, not a half entry.
+
+    The journal goes last: an entry whose journal vanished before its
+    metadata would send again every copy the journal recorded.
+    """
     check_id(entry_id)
     (directory / f"{entry_id}.json").unlink(missing_ok=True)
     (directory / f"{entry_id}.eml").unlink(missing_ok=True)
+    (directory / f"{entry_id}{JOURNAL}").unlink(missing_ok=True)
     fsync_dir(directory)
 
 

@@ -9,11 +9,15 @@ or a log line of this package.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from bccguard.config import UpstreamConfig, upstream_parts
+
+# RFC 3463 class.subject.detail at the start of the text.
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?=\s|$)")
 
 ErrorKind = Literal["connect", "timeout", "tls", "protocol", "4xx", "5xx"]
 
@@ -36,6 +40,11 @@ class Reply:
     @property
     def is_permanent(self) -> bool:
         return 500 <= self.code < 600
+
+    def status(self) -> str:
+        """Code plus enhanced status code if any ("550 5.1.1"): loggable, no address."""
+        m = _ENHANCED.match(self.text)
+        return f"{self.code} {m.group(0)}" if m else str(self.code)
 
     def line(self) -> str:
         """First line as "550 5.1.1 unknown user", ready to relay to our own client."""
@@ -75,7 +84,8 @@ class UpstreamError(Exception):
     """
 
     def __init__(self, kind: ErrorKind, reason: str, reply: Reply | None = None) -> None:
-        super().__init__(reason if reply is None else f"{reason}: {reply.line()}")
+        # Only the codes: reply texts often quote the address ("<bob@x>: unknown").
+        super().__init__(reason if reply is None else f"{reason} ({reply.status()})")
         self.kind: ErrorKind = kind
         self.reply = reply
 
@@ -124,10 +134,10 @@ def open_upstream(cfg: UpstreamConfig, *, hostname: str) -> Upstream:
     """
     scheme, host, port, path = upstream_parts(cfg.url)
     if scheme == "maildir":
-        from bccguard.upstream.maildir import MaildirUpstream  # noqa: PLC0415
+        from bccguard.upstream.maildir import MaildirUpstream
 
         return MaildirUpstream(path, hostname=hostname)
-    from bccguard.upstream.smtp import SMTPUpstream  # noqa: PLC0415
+    from bccguard.upstream.smtp import SMTPUpstream
 
     return SMTPUpstream(
         cfg,

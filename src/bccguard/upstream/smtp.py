@@ -535,7 +535,7 @@ class SMTPUpstream:
                 await self._empty_data(conn)
             conn.usable = True
             raise UpstreamError.refused("upstream refused the sender", mail_reply)
-        if any(not 200 <= r.code < 600 or 300 <= r.code < 400 for r in rcpt_replies):
+        if any(300 <= r.code < 400 for r in rcpt_replies):
             raise UpstreamError("protocol", "RCPT answered with a 3xx code")
 
         accepted: list[str] = []

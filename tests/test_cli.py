@@ -1,0 +1,133 @@
+"""`bccguard check` and `bccguard config check`: what a sender or an admin sees."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bccguard.cli import main
+
+SURVEY = (
+    "From: Marketing <news@corp.example>\r\n"
+    "To: " + ", ".join(f"Customer {i} <c{i}@Gmail.COM>" for i in range(12)) + ",\r\n"
+    " =?utf-8?q?J=C3=B6rg?= <jorg@b\u00fccher.example>, partner@agency.example\r\n"
+    "Cc: boss@corp.example\r\n"
+    "Bcc: secret@clients.example\r\n"
+    "Subject: survey\r\n\r\nbody\r\n"
+)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Path:
+    p = tmp_path / "bccguard.toml"
+    p.write_text(
+        '[policy]\ninternal_domains = ["corp.example"]\npartner_domains = ["agency.example"]\n'
+        '[[policy.rules]]\nname = "board"\nsenders = ["board@corp.example"]\naction = "reject"\n'
+    )
+    return p
+
+
+def run_check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["check", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_json_reports_the_exposure_and_exits_1(tmp_path: Path, cfg: Path, capsys) -> None:
+    eml = tmp_path / "survey.eml"
+    eml.write_bytes(SURVEY.encode())
+    code, out, _ = run_check(capsys, str(eml), "--config", str(cfg), "--json")
+    assert code == 1
+    r = json.loads(out)
+    assert r["action"] == "rewrite" and r["exposure"] is True and r["rule"] == "default"
+    assert r["visible_external"] == sorted(
+        [f"c{i}@gmail.com" for i in range(12)] + ["jorg@xn--bcher-kva.example"]
+    )
+    assert r["hidden"] == 13
+    assert r["visible_consumer"] == 12
+
+
+def test_check_show_prints_the_headers_as_they_would_leave(tmp_path: Path, cfg: Path, capsys) -> None:
+    eml = tmp_path / "survey.eml"
+    eml.write_bytes(SURVEY.replace("\r\n", "\n").encode())  # files on disk are often LF
+    code, out, _ = run_check(capsys, str(eml), "--config", str(cfg), "--show")
+    assert code == 1
+    headers = out.split("\n\n", 1)[1]
+    assert "gmail" not in headers.lower() and "secret@" not in headers and "Bcc:" not in headers
+    assert "partner@agency.example" in headers and "Cc: boss@corp.example" in headers
+    assert "X-BCCGuard: rewritten; hidden=13" in headers
+
+
+def test_check_internal_envelope_means_no_exposure(tmp_path: Path, cfg: Path, capsys) -> None:
+    eml = tmp_path / "survey.eml"
+    eml.write_bytes(SURVEY.encode())
+    code, out, _ = run_check(
+        capsys, str(eml), "--config", str(cfg), "--json", "--rcpt", "boss@corp.example"
+    )
+    assert code == 0
+    assert json.loads(out)["action"] == "pass"
+
+
+def test_check_rule_by_sender(tmp_path: Path, cfg: Path, capsys) -> None:
+    eml = tmp_path / "survey.eml"
+    eml.write_bytes(SURVEY.encode())
+    code, out, _ = run_check(
+        capsys, str(eml), "--config", str(cfg), "--json", "--mail-from", "board@corp.example"
+    )
+    assert code == 1
+    r = json.loads(out)
+    assert (r["action"], r["rule"]) == ("reject", "board")
+    assert "13 customer addresses are visible" in r["reason"]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(None, "cannot read"), (b"", "is empty"), (b"no header here\n\nbody", "no header fields")],
+)
+def test_check_bad_input_exits_2_with_one_line(tmp_path: Path, capsys, content, needle) -> None:
+    eml = tmp_path / "x.eml"
+    if content is not None:
+        eml.write_bytes(content)
+    code, out, err = run_check(capsys, str(eml))
+    assert code == 2
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_config_check_names_every_bad_key_and_the_fix(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[server]\nlisten = "nowhere"\nmax_recipents = 5\n[policy]\naction = "nuke"\n'
+        'max_visible_external = "ten"\n'
+    )
+    assert main(["config", "check", "--config", str(bad)]) == 78
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4
+    joined = "\n".join(err)
+    assert "server.listen" in joined and "fix:" in joined
+    assert "server.max_recipents: unknown key (did you mean 'max_recipients'?)" in joined
+    assert "policy.action: expected one of pass, audit, rewrite" in joined
+    assert 'policy.max_visible_external: expected an integer, got "ten"' in joined
+
+
+def test_every_shipped_config_is_valid(capsys) -> None:
+    root = Path(__file__).parent.parent / "config"
+    files = sorted(root.glob("*.toml"))
+    assert files
+    for f in files:
+        assert main(["config", "check", "--config", str(f)]) == 0, capsys.readouterr().err
+
+
+def test_serve_with_bad_config_exits_78_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[upstream]\nurl = 'ftp://x'\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bccguard.cli", "serve", "--config", str(bad)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 78
+    assert proc.stderr.startswith("bccguard: config error:") and "upstream.url" in proc.stderr
+    assert "Traceback" not in proc.stderr

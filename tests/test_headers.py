@@ -1,0 +1,82 @@
+"""Header splitting: offsets must be exact, since rewrite copies everything else by them."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bccguard.policy.headers import parse_header
+
+
+@pytest.mark.parametrize(
+    ("message", "names", "body_offset", "eol"),
+    [
+        (b"", [], 0, b"\r\n"),
+        (b"To: a\r\n\r\nbody", ["To"], 9, b"\r\n"),
+        (b"To: a\n\nbody", ["To"], 7, b"\n"),
+        (b"To: a\r\nCc: b", ["To", "Cc"], 12, b"\r\n"),
+        (b"To: a\n", ["To"], 6, b"\n"),
+        (b"\r\nTo: a\r\n", [], 2, b"\r\n"),
+        (b"From x@y Mon Jan 1 00:00:00 2024\nTo: a\n\n", ["To"], 40, b"\n"),
+        (b"To : a\nCC\t:b\n\n", ["To", "CC"], 14, b"\n"),
+        (b"garbage\nTo: a\nbad name: x\n: empty\n\n", ["To"], 35, b"\n"),
+        (b" cont\nTo: a\n \t\n b\n\nTo: body\n", ["To"], 19, b"\n"),
+        (b"X: \x00\xff\r\n\r\n", ["X"], 9, b"\r\n"),
+    ],
+)
+def test_fields_and_offsets(message: bytes, names: list[str], body_offset: int, eol: bytes) -> None:
+    block = parse_header(message)
+    assert [f.name for f in block.fields] == names
+    assert block.body_offset == body_offset
+    assert block.eol == eol
+
+
+def test_value_keeps_folding_and_offsets_cover_the_field() -> None:
+    message = b"Subject: x\r\nTo: a@b,\r\n\tc@d\r\nCc:\r\n\r\nTo: e@f\r\n"
+    block = parse_header(message)
+    to = block.get_all("TO")
+    assert len(to) == 1
+    assert to[0].value == " a@b,\r\n\tc@d"
+    assert message[to[0].start : to[0].end] == b"To: a@b,\r\n\tc@d\r\n"
+    assert block.get_all("cc")[0].value == ""
+    assert block.header_end == message.index(b"\r\n\r\n") + 2
+    assert message[block.body_offset :] == b"To: e@f\r\n"
+
+
+def test_undecodable_bytes_survive_as_surrogates() -> None:
+    block = parse_header(b"To: caf\xe9 <x@y>\n\n")
+    value = block.fields[0].value
+    assert value.encode("utf-8", "surrogateescape") == b" caf\xe9 <x@y>"
+
+
+def test_huge_single_line_is_linear() -> None:
+    message = b"To: " + b"a@b.example, " * 100_000 + b"\r\n\r\n"
+    block = parse_header(message)
+    assert block.fields[0].end == len(message) - 2
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_never_raises_and_fields_are_in_the_header(message: bytes) -> None:
+    block = parse_header(message)
+    assert block.eol in (b"\r\n", b"\n")
+    assert 0 <= block.header_end <= block.body_offset <= len(message)
+    prev = 0
+    for f in block.fields:
+        assert prev <= f.start < f.end <= block.header_end
+        assert f.lname == f.name.lower()
+        assert message[f.start :].startswith(f.name.encode())
+        prev = f.end
+
+
+@settings(max_examples=200)
+@given(st.lists(st.sampled_from([b"To: a@b", b" c@d", b"X:y", b"junk", b"", b"\t"]), max_size=12))
+def test_lines_round_trip(lines: list[bytes]) -> None:
+    for eol in (b"\r\n", b"\n"):
+        message = eol.join(lines)
+        block = parse_header(message)
+        for f in block.fields:
+            raw = message[f.start : f.end]
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            assert raw.split(b":", 1)[1] == f.value.encode("utf-8", "surrogateescape")
