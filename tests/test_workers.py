@@ -180,3 +180,14 @@ async def test_sigterm_stops_every_worker_and_exits_0(two_workers) -> None:  # t
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # gone (reaped by the supervisor)
     assert not listening(port)
+
+
+async def test_sighup_reaches_every_worker(two_workers) -> None:  # type: ignore[no-untyped-def]
+    proc, _, _, log = two_workers
+
+    def reloads() -> int:
+        return sum('"event": "reloaded"' in line for line in log.read_text().splitlines())
+
+    proc.send_signal(signal.SIGHUP)
+    await wait_for(lambda: reloads() == 2, 15)
+    assert proc.poll() is None
