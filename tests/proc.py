@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from deploy_helpers import poll, to_toml
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -38,33 +39,12 @@ async def run_cli(*args: str, within: float = 60.0) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def write_toml(path: Path, data: dict[str, dict[str, Any]]) -> Path:
-    """A config file from {section: {key: value}} (one level of tables is all tests need)."""
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """A config file from nested dicts (see deploy_helpers.to_toml)."""
+    path.write_text(to_toml(data))
     return path
 
 
 async def eventually(check: Callable[[], bool], *, within: float = 30.0, what: str = "") -> None:
     """Wait for an eventual state (a deadline, not a timing assertion)."""
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {within}s: {what}")
-        await asyncio.sleep(0.02)
+    await poll(check, what, within, interval=0.02)

@@ -24,7 +24,9 @@ from bccguard.ops.logs import get_logger
 from bccguard.ops.metrics import Metrics
 from bccguard.relay import Runtime
 from bccguard.retry import Retrier
+from bccguard.smtp.auth import Credentials, CredentialsError
 from bccguard.smtp.server import RelayHandler, RelaySMTP, SessionGate
+from bccguard.smtp.tls import server_context
 from bccguard.store.quarantine import Quarantine
 from bccguard.store.spool import Spool
 from bccguard.systemd import notify
@@ -75,6 +77,8 @@ class App:
         self.retrier = Retrier(lambda: self.runtime)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        self._last_upstream_ok = 0.0
+        self._retired: list[Runtime] = []
         self._force = asyncio.Event()  # a second SIGTERM: stop draining now
         self._audit_offset = 0
         self.port = 0
@@ -82,6 +86,9 @@ class App:
     def _build_runtime(self, config: Config) -> Runtime:
         if self.worker is not None:
             config = self.worker.share(config)
+        # Certificate and credentials first: a reload that cannot read them keeps the old runtime.
+        tls_context = server_context(config.server.tls)
+        credentials = load_credentials(config)
         q = Quarantine(config.quarantine.path)
         q.open()
         spool = Spool(config.spool.path, schedule=config.spool.retry_schedule, max_age=config.spool.max_age)
@@ -90,6 +97,7 @@ class App:
         return Runtime(
             config=config, upstream=upstream, quarantine=q, spool=spool, metrics=self.metrics, log=self.log,
             notifier=self.notifier, wake=self._wake_spool,
+            tls_context=tls_context, credentials=credentials,
         )  # fmt: skip
 
     def _wake_spool(self) -> None:
@@ -219,6 +227,10 @@ class App:
         self.retrier.release()
         if self.ops is not None:
             self.ops.stop()
+        # Snapshots replaced by a reload may still hold pooled upstream connections.
+        for old in self._retired:
+            await old.upstream.close()
+        self._retired.clear()
         await self.runtime.upstream.close()
         self.log.info("stopped", drained=not any(s.busy for s in self.sessions))
 
@@ -246,10 +258,21 @@ class App:
         self.runtime = runtime
         self.metrics.set_rules(rule_names(new))
         self.metrics.config_reload(True)
-        self.log.info("reloaded", config=new.source, rules=len(new.policy.rules))
-        asyncio.get_running_loop().call_later(
-            new.upstream.timeout * 6, lambda: asyncio.ensure_future(old.upstream.close())
+        self.log.info(
+            "reloaded",
+            config=new.source,
+            rules=len(new.policy.rules),
+            tls=runtime.tls_context is not None,
+            auth_users=len(runtime.credentials.users) if runtime.credentials else 0,
         )
+        self._retired.append(old)
+
+        def retire() -> None:
+            if old in self._retired:
+                self._retired.remove(old)
+                self._tasks.append(asyncio.ensure_future(old.upstream.close()))
+
+        asyncio.get_running_loop().call_later(new.upstream.timeout * 6, retire)
         return True
 
     # ------------------------------------------------------------ main
@@ -278,6 +301,16 @@ class App:
             for sig in signals:
                 loop.remove_signal_handler(sig)
         return 0
+
+
+def load_credentials(config: Config) -> Credentials | None:
+    """The AUTH users of `server.auth_file`, or None; problems are config errors (exit 78)."""
+    if not config.server.auth_file:
+        return None
+    try:
+        return Credentials.load(config.server.auth_file)
+    except CredentialsError as exc:
+        raise ConfigError([f"server.auth_file: {p}" for p in str(exc).splitlines()]) from None
 
 
 def _scheme(url: str) -> str:

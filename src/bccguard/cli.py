@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="envelope recipient, repeatable (default: every To, Cc and Bcc address)",
     )
+    passwd = sub.add_parser(
+        "passwd",
+        help="add an AUTH user or change a password (asks twice on a terminal, else reads stdin)",
+    )
+    passwd.add_argument("user", metavar="USER")
+    _config_arg(passwd)
+    passwd.add_argument(
+        "--file", metavar="F", help="credentials file (default: server.auth_file of --config)"
+    )
+
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--show", action="store_true", help="print the header block as it would leave")
     _quarantine_parser(sub)
@@ -113,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_config_check(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "passwd":
+            return cmd_passwd(args)
         if args.command == "quarantine" and args.quarantine_command:
             return cmd_quarantine(args)
     except ConfigError as exc:
@@ -154,7 +166,12 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from bccguard.app import load_credentials
+    from bccguard.smtp.tls import server_context
+
     cfg = load(args.config)
+    server_context(cfg.server.tls)  # a cert/key that does not load is a config error
+    load_credentials(cfg)
     print(f"{cfg.source}: ok ({len(cfg.policy.rules)} rules, upstream {cfg.upstream.url.partition(':')[0]})")
     return EX_OK
 
@@ -192,6 +209,41 @@ def _serve_one(cfg: Config, config_path: str | None, worker: Any) -> int:
 
     with asyncio.Runner(loop_factory=loop_factory(cfg.server.event_loop)) as runner:
         return runner.run(run())
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """Add or update one user of the AUTH credentials file; the password never touches argv."""
+    import getpass
+
+    from bccguard.smtp.auth import CredentialsError, set_password, user_problem
+
+    path = args.file or (load(args.config).server.auth_file if args.config else "")
+    if not path:
+        print("bccguard: no credentials file (fix: pass --file F, or --config F with server.auth_file set)",
+              file=sys.stderr)
+        return EX_USAGE
+    problem = user_problem(args.user)
+    if problem is not None:
+        print(f"bccguard: bad user name: {problem}", file=sys.stderr)
+        return EX_USAGE
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {args.user}: ")
+        if getpass.getpass("Again: ") != password:
+            print("bccguard: the passwords differ; nothing changed", file=sys.stderr)
+            return EX_USAGE
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("bccguard: empty password; nothing changed", file=sys.stderr)
+        return EX_USAGE
+    try:
+        existed = set_password(path, args.user, password)
+    except (CredentialsError, OSError) as exc:
+        print(f"bccguard: cannot update {path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: {'password changed for' if existed else 'added user'} {args.user}"
+          " (send SIGHUP to a running relay to load it)")
+    return EX_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -247,6 +299,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "hidden": v.hidden,
         "would": v.would.value if v.would else None,
         "reason": v.reason,
+        "signed": v.signed,
     }
     if args.show:
         out_block = parse_header(outcome.message)

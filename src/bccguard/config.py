@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bccguard.policy.domains import normalize_domain
-from bccguard.policy.model import Action, RewriteTo
+from bccguard.policy.model import Action, OnSigned, RewriteTo
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -180,6 +180,13 @@ class ServerConfig:
     command_timeout: float = field(default=300.0, metadata=_check(_positive, "seconds, e.g. 300"))
     data_timeout: float = field(default=600.0, metadata=_check(_positive, "seconds, e.g. 600"))
     max_bad_commands: int = field(default=20, metadata=_check(_positive, "e.g. 20"))
+    # Postfix's smtpd_min_data_rate: each byte received during DATA buys
+    # 1/min_data_rate more seconds, so big uploads at a sane rate never time
+    # out while a trickle is cut about data_timeout after DATA began.
+    min_data_rate: int = field(default=500, metadata=_check(_positive, "bytes per second, e.g. 500"))
+    # AUTH PLAIN/LOGIN against `user:hash` lines (`bccguard passwd`); only over TLS.
+    auth_file: str = ""
+    max_auth_failures: int = field(default=3, metadata=_check(_positive, "e.g. 3"))
     shutdown_timeout: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
     proxy_protocol: bool = False
     # Processes sharing the port (SO_REUSEPORT) under one supervisor; 1: no supervisor.
@@ -338,15 +345,25 @@ class PolicySettings:
     # Reply-all storm guard: rewritten/split copies get `Reply-To: <From>` when they have none,
     # so a customer's "reply all" goes to the sender, not to every colleague left in Cc.
     reply_to_sender: bool = False
+    # A message DKIM-signed over To/Cc that a rewrite would break. "rewrite"
+    # by default: privacy first, and the corporate MTA behind bccguard
+    # usually signs again (see policy/dkim.py for the reasoning).
+    on_signed: OnSigned = OnSigned.REWRITE
 
 
 @dataclass(frozen=True)
 class Rule:
-    """`[[policy.rules]]`: first whose senders glob matches wins."""
+    """`[[policy.rules]]`: the first rule whose criteria all match wins.
+
+    `senders` globs match the envelope sender (or the AUTH user, as before);
+    `users` globs match only the authenticated user. A rule names at least
+    one of them; when it names both, both must match.
+    """
 
     name: str
     senders: tuple[str, ...]
     settings: PolicySettings
+    users: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -468,7 +485,7 @@ def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str])
         return None
 
 
-_RULE_KEYS = {"name", "senders"}
+_RULE_KEYS = {"name", "senders", "users"}
 # Rule names become metric label values and log fields: a closed, boring alphabet.
 RULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -499,13 +516,13 @@ def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
         elif name in seen:
             problems.append(f"{where}.name: {name!r} is used twice (fix: give each rule its own name)")
         seen.add(name)
-        senders = raw.get("senders")
-        if not isinstance(senders, list) or not senders or not all(isinstance(s, str) and s for s in senders):
+        senders = _patterns(raw, "senders", where, problems, 'senders = ["*@marketing.corp.example"]')
+        users = _patterns(raw, "users", where, problems, 'users = ["alice", "*@marketing.corp.example"]')
+        if "senders" not in raw and "users" not in raw:
             problems.append(
-                f"{where}.senders: expected a non-empty list of patterns "
-                f'(fix: senders = ["*@marketing.corp.example"])'
+                f'{where}: a rule needs senders or users '
+                f'(fix: senders = ["*@marketing.corp.example"] or users = ["alice"])'
             )
-            senders = []
         overrides = {k: v for k, v in raw.items() if k not in _RULE_KEYS}
         for k in list(overrides):
             if k not in setting_names:
@@ -515,8 +532,26 @@ def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
         if sub is None:
             continue
         merged = dataclasses.replace(defaults, **{k: getattr(sub, k) for k in overrides})
-        rules.append(Rule(name=name, senders=tuple(s.lower() for s in senders), settings=merged))
+        rules.append(
+            Rule(
+                name=name,
+                senders=tuple(s.lower() for s in senders),
+                settings=merged,
+                users=tuple(u.lower() for u in users),
+            )
+        )
     return PolicyConfig(defaults=defaults, rules=tuple(rules))
+
+
+def _patterns(raw: dict[str, Any], key: str, where: str, problems: list[str], fix: str) -> list[str]:
+    """A rule's optional list of glob patterns; absent is [], present must be non-empty strings."""
+    if key not in raw:
+        return []
+    value = raw[key]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        problems.append(f"{where}.{key}: expected a non-empty list of patterns (fix: {fix})")
+        return []
+    return list(value)
 
 
 def from_dict(data: dict[str, Any], *, source: str = "embedded defaults") -> Config:
@@ -546,6 +581,10 @@ def _cross_checks(cfg: Config, source: str) -> None:
     for label, p in (("server.tls.cert", tls.cert), ("server.tls.key", tls.key)):
         if p and not Path(p).is_file():
             problems.append(f"{label}: {p} does not exist (fix: point it at a PEM file)")
+    if cfg.server.auth_file and not tls.cert:
+        problems.append(
+            "server.auth_file: AUTH is only offered over TLS (fix: set server.tls.cert and key)"
+        )
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
     if cfg.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:

@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import os
 import re
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from bccguard.ops.metrics import Metrics
 from bccguard.policy.dsn import Failure, build_dsn
 from bccguard.policy.engine import Outcome, evaluate
 from bccguard.policy.model import Action, Envelope
+from bccguard.smtp.auth import Credentials
 from bccguard.store.quarantine import Quarantine
 from bccguard.store.spool import Spool
 from bccguard.upstream import DeliveryResult, Reply, Upstream, UpstreamError
@@ -75,6 +77,9 @@ class Runtime:
     log: Any
     notifier: Notifier = field(default_factory=Notifier)  # the app passes one across reloads
     wake: Callable[[], None] = lambda: None  # tell the spool runner new work is due now
+    # Inbound STARTTLS and AUTH (smtp/tls.py, smtp/auth.py): None when not configured.
+    tls_context: ssl.SSLContext | None = None
+    credentials: Credentials | None = None
     relay: Relay = field(init=False)
     _ids: itertools.count[int] = field(default_factory=itertools.count, init=False)
 
@@ -153,6 +158,8 @@ class Relay:
                 )
                 if v.would is not None:
                     log_fields["would"] = v.would.value
+                if v.signed:
+                    log_fields["dkim_signed"] = True
                 reply, upstream_fields = await self._act(outcome, env, content, session_id)
                 log_fields.update(upstream_fields)
                 try:
@@ -177,6 +184,8 @@ class Relay:
             size=len(content),
             inspect_seconds=inspect_s,
         )
+        if verdict is not None and verdict.signed:
+            rt.metrics.signed_message(action)
         rt.log.info(
             "message_processed",
             action=action,

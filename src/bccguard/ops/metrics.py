@@ -194,6 +194,14 @@ class Metrics:
             f"{p}_message_size_bytes", "Size of messages as received.",
             buckets=SIZE_BUCKETS, registry=r,
         )  # fmt: skip
+        # Messages whose DKIM signature covers a field the rewrite changes
+        # (policy/dkim.py), by what was done about it ([policy] on_signed).
+        signed = Counter(
+            f"{p}_signed_messages",
+            "Messages DKIM-signed over To/Cc that a rewrite would break, by action taken.",
+            ["action"], registry=r,
+        )  # fmt: skip
+        self._signed = {k: c for (k,), c in _children(signed, ACTIONS).items()}
         self._inspect = Histogram(
             f"{p}_inspection_seconds", "Time spent parsing headers and deciding, per message.",
             buckets=INSPECT_BUCKETS, registry=r,
@@ -363,6 +371,10 @@ class Metrics:
         self._envelope.observe(envelope_rcpts)
         self._size.observe(size)
         self._inspect.observe(inspect_seconds)
+
+    def signed_message(self, action: str) -> None:
+        """A message signed over To/Cc met a rewrite; `action` is what happened to it."""
+        _get(self._signed, action, "action").inc()
 
     # --------------------------------------------------------------- upstream
 

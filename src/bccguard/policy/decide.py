@@ -20,14 +20,26 @@ DEFAULT_RULE = "default"
 
 
 def select_rule(policy: PolicyConfig, envelope: Envelope) -> tuple[str, PolicySettings]:
-    """First rule whose sender pattern matches the envelope sender (or the AUTH user) wins."""
+    """First rule whose criteria all match wins; no match: the [policy] defaults.
+
+    `senders` patterns match the envelope sender or the AUTH user; `users`
+    patterns match the AUTH user only, so an unauthenticated session never
+    matches a `users` rule, whatever MAIL FROM it claims.
+    """
     candidates = [envelope.mail_from.lower()]
-    if envelope.auth_user:
-        candidates.append(envelope.auth_user.lower())
+    user = envelope.auth_user.lower() if envelope.auth_user else None
+    if user is not None:
+        candidates.append(user)
     for rule in policy.rules:
-        for pattern in rule.senders:
-            if any(fnmatchcase(c, pattern) for c in candidates):
-                return rule.name, rule.settings
+        if rule.senders and not any(
+            fnmatchcase(c, pattern) for pattern in rule.senders for c in candidates
+        ):
+            continue
+        if rule.users and (
+            user is None or not any(fnmatchcase(user, pattern) for pattern in rule.users)
+        ):
+            continue
+        return rule.name, rule.settings
     return DEFAULT_RULE, policy.defaults
 
 

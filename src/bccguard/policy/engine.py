@@ -12,6 +12,7 @@ from bccguard.config import PolicyConfig, PolicySettings
 from bccguard.policy.addresses import first_from, visible_recipients
 from bccguard.policy.classify import classify, classify_rcpt, envelope_domain
 from bccguard.policy.decide import decide, select_rule
+from bccguard.policy.dkim import breaks_signature, signed_fields
 from bccguard.policy.headers import HeaderBlock, parse_header
 from bccguard.policy.model import Action, Address, Envelope, RewriteTo, Verdict
 from bccguard.policy.rewrite import rewrite_headers
@@ -54,9 +55,16 @@ def evaluate(message: bytes, envelope: Envelope, policy: PolicyConfig) -> Outcom
     verdict = decide(envelope, visible, policy)
     out = message
     split = None
-    if verdict.action in (Action.REWRITE, Action.SPLIT):
-        out, hidden = rewrite_for(message, block, envelope, policy, verdict)
-        verdict = replace(verdict, hidden=hidden)
+    changes = verdict.action in (Action.REWRITE, Action.SPLIT)
+    if changes or (verdict.action is Action.AUDIT and verdict.would is Action.REWRITE):
+        rewritten, hidden = rewrite_for(message, block, envelope, policy, verdict)
+        if changes:
+            out = rewritten
+            verdict = replace(verdict, hidden=hidden)
+        if block.get_all("dkim-signature") and _breaks_signature(
+            message, block, rewritten, split=verdict.action is Action.SPLIT
+        ):
+            verdict, out = _on_signed(verdict, message, out, select_rule(policy, envelope)[1])
     if verdict.action is Action.SPLIT:
         split = split_for(block, visible, envelope, policy, verdict)
     return Outcome(verdict=verdict, block=block, visible=visible, message=out, split=split)
@@ -81,6 +89,32 @@ def split_for(
         stamp=f"split; hidden={verdict.hidden}",
         reply_to=reply_to_for(block, settings),
     )
+
+
+def _breaks_signature(original: bytes, block: HeaderBlock, rewritten: bytes, *, split: bool) -> bool:
+    """Would our change break a DKIM signature? Split copies also replace To and Cc in each copy."""
+    if split and signed_fields(block) & _SPLIT_CHANGES:
+        return True
+    return breaks_signature(original, block, rewritten)
+
+
+_SPLIT_CHANGES = frozenset({"to", "cc", "resent-to", "resent-cc", "bcc", "resent-bcc", "x-bccguard"})
+
+
+def _on_signed(
+    verdict: Verdict, original: bytes, rewritten: bytes, settings: PolicySettings
+) -> tuple[Verdict, bytes]:
+    """A rewrite would break a DKIM signature over the recipient headers: apply `on_signed`."""
+    instead = Action(settings.on_signed.value)
+    if verdict.action is Action.AUDIT:
+        return replace(verdict, signed=True, would=instead), original
+    if instead is Action.REWRITE:  # change it anyway (a rewrite, or the split it already is)
+        return replace(verdict, signed=True), rewritten
+    reason = (
+        f"{verdict.reason} (the message is DKIM-signed over To/Cc: "
+        "bccguard cannot hide them without breaking the signature)"
+    )
+    return replace(verdict, action=instead, signed=True, hidden=0, reason=reason), original
 
 
 def rewrite_for(

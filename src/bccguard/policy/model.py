@@ -34,6 +34,14 @@ class Action(StrEnum):
     REJECT = "reject"
 
 
+class OnSigned(StrEnum):
+    """What to do when a rewrite would break a DKIM signature over To/Cc."""
+
+    REWRITE = "rewrite"
+    QUARANTINE = "quarantine"
+    REJECT = "reject"
+
+
 class RewriteTo(StrEnum):
     SENDER = "sender"
     UNDISCLOSED = "undisclosed"

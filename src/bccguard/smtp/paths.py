@@ -32,6 +32,24 @@ def split_path(arg: str) -> tuple[str, str] | None:
     return addr, arg[m.end() :]
 
 
+def raw_path_with_controls(arg: str) -> tuple[str, str] | None:
+    """The path as sent, when it holds control characters; else None.
+
+    aiosmtpd's fallback parser "repairs" such paths into other addresses
+    (`<a\tb@x>` becomes `"a b"@x`), so the relay would act on an address
+    the client never sent. Handing the raw text on makes `path_problem`
+    refuse it instead.
+    """
+    if arg.startswith("<"):
+        end = arg.find(">")
+        path, rest = (arg[1:end], arg[end + 1 :]) if end >= 0 else (arg[1:], "")
+    else:
+        path, _, rest = arg.partition(" ")
+    if _CONTROL.search(path):
+        return path, rest
+    return None
+
+
 def path_problem(address: str, *, smtputf8: bool) -> str | None:
     """Why `address` may not be used in MAIL/RCPT, or None. Never echoes the address."""
     if len(address) + 2 > MAX_PATH:

@@ -16,18 +16,23 @@ leak mail is done here:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import functools
 import inspect
 import ipaddress
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
-from bccguard.smtp.paths import path_problem, split_path
+from bccguard.ops.logs import address_hash
+from bccguard.smtp.paths import path_problem, raw_path_with_controls, split_path
 
 if TYPE_CHECKING:
     from bccguard.relay import Runtime
@@ -46,26 +51,54 @@ class NullPath(str):
 
 
 class SessionGate:
-    """Counts open sessions in total and per client IP; refuses past the limits."""
+    """Counts open sessions in total and per client IP; refuses past the limits.
+
+    Behind a PROXY-protocol load balancer every TCP peer is the balancer, so
+    the total is admitted at connect and the per-IP share only once the
+    PROXY header named the real client (`admit_ip`).
+    """
 
     def __init__(self) -> None:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
 
-    def admit(self, ip: str, max_total: int, max_per_ip: int) -> str | None:
+    def admit(self, ip: str | None, max_total: int, max_per_ip: int) -> str | None:
+        """Admit one session (and, unless `ip` is None, its per-IP share); a 421 line if refused."""
         if self.total >= max_total:
             return "421 4.7.0 Too many connections, try again later"
+        if ip is not None:
+            refusal = self.admit_ip(ip, max_per_ip)
+            if refusal is not None:
+                return refusal
+        self.total += 1
+        return None
+
+    def admit_ip(self, ip: str, max_per_ip: int) -> str | None:
         if self.per_ip[ip] >= max_per_ip:
             return "421 4.7.0 Too many connections from your address, try again later"
-        self.total += 1
         self.per_ip[ip] += 1
         return None
 
-    def release(self, ip: str) -> None:
+    def release(self, ip: str | None) -> None:
         self.total -= 1
+        if ip is not None:
+            self.release_ip(ip)
+
+    def release_ip(self, ip: str) -> None:
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
+
+
+class RelaySession(Session):
+    """aiosmtpd's Session plus what bccguard tracks per connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.bccguard_user: str | None = None  # the AUTH identity, for policy rules and logs
+        self.auth_failures = 0
+        self.bad_commands = 0
+        self.junk_commands = 0  # NOOP/RSET/VRFY/EXPN/HELP since the last delivered message
 
 
 def peer_ip(peer: Any) -> str:
@@ -98,6 +131,59 @@ def hook_names(obj: object) -> list[str]:
     return names
 
 
+# aiosmtpd replies without an enhanced status code (RFC 3463 / RFC 2034): the
+# code we add, by reply code. 2xx/3xx replies are left as they are.
+_ENHANCED = {
+    421: "4.3.0", 454: "4.7.0", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1",
+    504: "5.5.4", 530: "5.7.0", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0", 552: "5.3.4",
+    553: "5.1.3", 554: "5.7.0",
+}  # fmt: skip
+JUNK_LIMIT = 100  # Postfix's smtpd_junk_command_limit default
+_HAS_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"']*@[^\s<>()\[\],;:\"']*")
+# Protocol errors that count towards `max_bad_commands` (Postfix's
+# smtpd_hard_error_limit, narrowed to misbehaviour): syntax, sequence and
+# unknown commands, commands before STARTTLS, refused relaying. Not counted:
+# per-address validation (550/553: a typo in a big mailing), 452/552 limits,
+# and anything answered at the end of DATA.
+_BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 530, 538, 554})
+
+
+def polish_reply(text: str) -> str:
+    """Give a reply an enhanced code if it lacks one, and never let an address through.
+
+    aiosmtpd's own replies ("500 Command line too long", "502 Could not
+    VRFY <what the client sent>") miss enhanced codes and may echo client
+    input; every reply leaves through here, so the rule holds for all of them.
+    """
+    if "@" in text:
+        text = _ADDRESS_LIKE.sub("<address>", text)
+    code = text[:3]
+    if code.isdigit() and code[0] in "45" and text[3:4] in (" ", "-", ""):
+        rest = text[4:]
+        if not _HAS_ENHANCED.match(rest):
+            enhanced = _ENHANCED.get(int(code), f"{code[0]}.0.0")
+            text = f"{code}{text[3:4] or ' '}{enhanced} {rest}".rstrip()
+    return text
+
+
+class _Commands(dict[str, Any]):
+    """aiosmtpd's verb table, with unknown verbs routed to our own handler.
+
+    aiosmtpd counts unknown commands against a fixed module-level budget of
+    5 and echoes the verb in its reply; routing them here lets
+    `max_bad_commands` govern every protocol error alike.
+    """
+
+    def __init__(self, methods: dict[str, Any], unknown: Callable[[str, str | None], Any]) -> None:
+        super().__init__(methods)
+        self._unknown = unknown
+
+    def get(self, key: str, default: Any = None) -> Any:
+        method = super().get(key)
+        return method if method is not None else functools.partial(self._unknown, key)
+
+
 class RelaySMTP(SMTP):
     """One client session. `runtime_ref()` returns the config snapshot in force for it."""
 
@@ -115,6 +201,9 @@ class RelaySMTP(SMTP):
     ) -> None:
         runtime = runtime_ref()
         server = runtime.config.server
+        # The context and credentials of the snapshot in force when the
+        # client connected: a SIGHUP with a new certificate serves new sessions.
+        tls_context = runtime.tls_context
         super().__init__(
             handler,
             data_size_limit=server.max_message_size,
@@ -123,16 +212,24 @@ class RelaySMTP(SMTP):
             hostname=server.hostname,
             ident="bccguard ESMTP",
             timeout=server.command_timeout,
+            tls_context=tls_context,
+            require_starttls=server.tls.require_tls and tls_context is not None,
+            # RFC 4954 4: AUTH with PLAIN/LOGIN only inside TLS ("538 5.7.11" before it).
+            auth_require_tls=True,
+            auth_exclude_mechanism=[] if runtime.credentials is not None else ["PLAIN", "LOGIN"],
             # aiosmtpd parses PROXY v1/v2 itself; the handler's handle_PROXY accepts it,
             # and Runtime.client_ip() then uses the real client address everywhere.
-            proxy_protocol_timeout=10.0 if server.proxy_protocol else None,
+            proxy_protocol_timeout=min(10.0, server.command_timeout) if server.proxy_protocol else None,
             **kwargs,
         )
+        self._smtp_methods = _Commands(self._smtp_methods, self._unknown_command)
         self._runtime_ref = runtime_ref
         self._gate = gate
         self._sessions = sessions
+        self._admitted = False
         self._admitted_ip: str | None = None
         self._pending_lines: list[str] = []  # see push()
+        self._refused = False
         self.busy = False  # inside DATA: SIGTERM lets it finish
         self.closing = False
         self.session_id = ""
@@ -141,14 +238,24 @@ class RelaySMTP(SMTP):
         self.allowed_for: object = None
         self.accepted_counted = False
 
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop)
+
+    def relay_session(self) -> RelaySession:
+        # A method, not a property: aiosmtpd's __init__ getattr()s every member.
+        assert isinstance(self.session, RelaySession)
+        return self.session
+
     # ------------------------------------------------------------ lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is not None:  # STARTTLS re-entry: same session
             super().connection_made(transport)
             return
         runtime = self._runtime_ref()
-        ip = peer_ip(transport.get_extra_info("peername"))
         server = runtime.config.server
+        # With PROXY protocol the TCP peer is the load balancer: per-IP
+        # admission waits for the header (RelayHandler.handle_PROXY).
+        ip = None if server.proxy_protocol else peer_ip(transport.get_extra_info("peername"))
         refusal = self._gate.admit(ip, server.max_sessions, server.max_sessions_per_ip)
         if refusal is not None:
             runtime.metrics.connection("refused_limit")
@@ -159,22 +266,38 @@ class RelaySMTP(SMTP):
                 transport.close()
             self._refused = True
             return
-        self._refused = False
+        self._admitted = True
         self._admitted_ip = ip
         self.session_id = runtime.new_session_id()
         self._sessions.add(self)
         runtime.metrics.session_opened()
         super().connection_made(transport)
 
+    def admit_client(self, ip: str) -> str | None:
+        """Per-IP admission for the real client named by a PROXY header; a 421 line if refused."""
+        server = self._runtime_ref().config.server
+        refusal = self._gate.admit_ip(ip, server.max_sessions_per_ip)
+        if refusal is None:
+            self._admitted_ip = ip
+        return refusal
+
     def connection_lost(self, error: Exception | None) -> None:
-        if getattr(self, "_refused", False):
+        if self._refused:
             return
-        if self._admitted_ip is not None:
+        if self._admitted:
+            self._admitted = False
             self._gate.release(self._admitted_ip)
             self._admitted_ip = None
             self._sessions.discard(self)
             self._runtime_ref().metrics.session_closed()
         super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        """Command timeout (RFC 5321 4.5.3.2): say why before closing, as Postfix does."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._runtime_ref().metrics.reply(421)
+            self._writer.write(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     async def shutdown(self) -> None:
         """SIGTERM for an idle session: say goodbye (421) and close."""
@@ -188,6 +311,8 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: Any) -> None:
         text = status if isinstance(status, str) else bytes(status).decode("utf-8", "replace")
+        if not text.startswith("334 "):  # AUTH challenges are base64, not replies
+            text = polish_reply(text)
         if text[3:4] == "-":
             # A line of a multi-line reply (EHLO: six of them): aiosmtpd pushes
             # each with its own write and drain, a send() each. Held back and
@@ -199,13 +324,135 @@ class RelaySMTP(SMTP):
         if code.isdigit():
             self._runtime_ref().metrics.reply(int(code))
         if self._pending_lines:
-            status = "\r\n".join([*self._pending_lines, text])
+            text = "\r\n".join([*self._pending_lines, text])
             self._pending_lines.clear()
-        await super().push(status)
+        await super().push(text)
+        if code.isdigit() and int(code) in _BAD_COMMAND_CODES and not self.busy:
+            await self._bad_command()
+
+    async def _bad_command(self) -> None:
+        """Count a protocol error; at `max_bad_commands`, 421 and close (RFC 5321 4.2.2)."""
+        session = self.relay_session()
+        session.bad_commands += 1
+        runtime = self._runtime_ref()
+        if session.bad_commands < runtime.config.server.max_bad_commands or self.transport is None:
+            return
+        runtime.log.warning(
+            "too_many_errors", session_id=self.session_id, client=runtime.client_ip(session)
+        )
+        runtime.metrics.connection("protocol_error")
+        runtime.metrics.reply(421)
+        await super().push("421 4.7.0 Too many errors, closing connection")
+        self.transport.close()
+
+    # ------------------------------------------------------------ junk commands
+    # A client can hold a session slot forever with one NOOP per command
+    # timeout. Like Postfix's smtpd_junk_command_limit: past JUNK_LIMIT such
+    # commands without a delivered message, each further one counts as a
+    # protocol error, so max_bad_commands ends the session.
+    async def _junk(self) -> None:
+        session = self.relay_session()
+        session.junk_commands += 1
+        if session.junk_commands > JUNK_LIMIT:
+            await self._bad_command()
+
+    async def smtp_NOOP(self, arg: str) -> None:
+        await super().smtp_NOOP(arg)
+        await self._junk()
+
+    async def smtp_RSET(self, arg: str) -> None:
+        await super().smtp_RSET(arg)
+        await self._junk()
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        await super().smtp_VRFY(arg)
+        await self._junk()
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        await super().smtp_EXPN(arg)
+        await self._junk()
+
+    async def smtp_HELP(self, arg: str) -> None:
+        await super().smtp_HELP(arg)
+        await self._junk()
+
+    async def _unknown_command(self, command: str, arg: str | None) -> None:
+        await self.push("500 5.5.2 Error: command not recognized")
+
+    # ------------------------------------------------------------ AUTH
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        """RFC 4616: [authzid] NUL authcid NUL passwd; authzid, if any, must equal authcid."""
+        blob = await self._auth_value(args, "")
+        if blob is None:  # already answered ("*", bad base64)
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+            await self.push("501 5.5.2 Cannot split the PLAIN response")
+            return AuthResult(success=False, handled=True)
+        return await self._check_credentials("PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        login = await self._auth_value(args, self.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await self._auth_value([], self.AuthLoginPasswordChallenge)
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._check_credentials("LOGIN", login, password)
+
+    async def _auth_value(self, args: list[str], challenge: str) -> bytes | None:
+        """The initial response (AUTH X <b64>) or the answer to a 334 challenge.
+
+        None means the client was already answered (a "*" cancel or bad base64).
+        """
+        if len(args) > 1:
+            try:
+                return base64.b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Cannot decode base64")
+                return None
+        value = await self.challenge_auth(challenge)
+        return value if isinstance(value, bytes) else None
+
+    async def _check_credentials(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        runtime = self._runtime_ref()
+        session = self.relay_session()
+        credentials = runtime.credentials
+        try:
+            user = login.decode("utf-8")
+        except UnicodeDecodeError:
+            user = ""
+        ok = bool(user) and credentials is not None and await credentials.verify(user, password)
+        # Users may be named like addresses: logs carry a hash, never the name.
+        user_tag = address_hash(user) if user else ""
+        if ok:
+            session.bccguard_user = user
+            runtime.log.info(
+                "auth_ok", session_id=self.session_id, mechanism=mechanism, user_hash=user_tag
+            )
+            return AuthResult(success=True, auth_data=user)
+        session.auth_failures += 1
+        runtime.metrics.connection("refused_auth")
+        runtime.log.warning(
+            "auth_failed",
+            session_id=self.session_id,
+            client=runtime.client_ip(session),
+            mechanism=mechanism,
+            user_hash=user_tag,
+            failures=session.auth_failures,
+        )
+        if session.auth_failures < runtime.config.server.max_auth_failures:
+            return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
+        await self.push("535 5.7.8 Authentication credentials invalid")
+        await super().push("421 4.7.0 Too many failed authentication attempts, closing connection")
+        runtime.metrics.reply(421)
+        if self.transport is not None:
+            self.transport.close()
+        return AuthResult(success=False, handled=True)
 
     # ------------------------------------------------------------ parsing
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        fast = split_path(arg)
+        fast = split_path(arg) or raw_path_with_controls(arg)
         if fast is not None:
             if fast[0] == "":  # `<>`: aiosmtpd would answer 501 to a falsy address
                 return NullPath(), fast[1]
@@ -230,14 +477,15 @@ class RelaySMTP(SMTP):
         self.busy = True
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            self._reset_timeout(server.data_timeout)
-            content, problem = await self._read_data(server.max_message_size, server.data_timeout)
+            content, problem = await self._read_data(
+                server.max_message_size, server.data_timeout, server.min_data_rate
+            )
             if content is None:
                 return  # connection gone: nothing was accepted, the client retries
             if problem is None:
                 problem = check_content(content)
             if problem is not None:
-                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                self.envelope = self._create_envelope()
                 await self.push(problem)
                 return
             self.envelope.content = content
@@ -246,8 +494,10 @@ class RelaySMTP(SMTP):
             # transaction we are about to answer for.
             self._reset_timeout(runtime.config.upstream.timeout * 6 + server.data_timeout)
             status = await self._call_handler_hook("DATA")
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self.envelope = self._create_envelope()
             await self.push("250 OK" if status is MISSING else status)
+            if status is MISSING or str(status).startswith("2"):
+                self.relay_session().junk_commands = 0
         finally:
             self.busy = False
             if self.transport is not None:
@@ -255,8 +505,16 @@ class RelaySMTP(SMTP):
             if self.closing and self.transport is not None:
                 self.transport.close()
 
-    async def _read_data(self, limit: int, timeout: float) -> tuple[bytes | None, str | None]:
-        """Read up to CRLF.CRLF; unstuff dots. (None, _) when the connection dropped.
+    async def _read_data(
+        self, limit: int, budget: float, min_rate: int
+    ) -> tuple[bytes | None, str | None]:
+        """Read up to CRLF.CRLF; unstuff dots. (None, _) when the connection dropped or timed out.
+
+        Time: a budget of `budget` seconds from the 354, plus 1/min_rate
+        second per byte received (Postfix's smtpd_min_data_rate). A client
+        at a sane rate never runs out; one trickling bytes (slowloris) is
+        cut with 421 4.4.2 about `budget` seconds after DATA began, however
+        cleverly it spaces its bytes.
 
         Bytes after the terminator belong to the next pipelined command and
         are handed back to the stream reader in order.
@@ -265,42 +523,56 @@ class RelaySMTP(SMTP):
         buf = bytearray(b"\r\n")  # the CRLF that ended the DATA command line
         scan = 0
         overflow = False
-        while True:
-            try:
-                chunk = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
-            except TimeoutError:
-                if self.transport is not None:
-                    await self.push("421 4.4.2 Timeout waiting for data, closing connection")
-                    self.transport.close()
-                return None, None
-            if not chunk:
-                return None, None
-            buf += chunk
-            idx = buf.find(TERMINATOR, scan)
-            if idx >= 0:
-                rest = bytes(buf[idx + len(TERMINATOR) :])
-                if rest:
-                    _unread(reader, rest)
-                if overflow or idx > limit:
-                    return b"", "552 5.3.4 Message size exceeds fixed maximum message size"
-                del buf[idx + 2 :]  # keep the CRLF that ends the last line
-                # One copy at most alive beside the buffer (a 50 MB message must
-                # not cost 150): drop the leading CRLF in place (O(1) for a
-                # bytearray), copy once, release the buffer, then unstuff dots
-                # (RFC 5321 4.5.2) at C speed only if there are any.
-                first_dot = buf.startswith(b"\r\n.")
-                del buf[:2]
-                data = bytes(buf)
-                del buf
-                if first_dot or b"\r\n." in data:
-                    data = data.replace(b"\r\n.", b"\r\n")
-                    if first_dot:
-                        data = data[1:]
-                return data, None
-            if len(buf) - 2 > limit + len(TERMINATOR):
-                overflow = True
-                del buf[: -len(TERMINATOR)]  # discard, keep what could start the terminator
-            scan = max(0, len(buf) - len(TERMINATOR) + 1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()  # the deadline below governs DATA
+        try:
+            async with asyncio.timeout_at(deadline) as cm:
+                while True:
+                    chunk = await reader.read(READ_CHUNK)
+                    if not chunk:
+                        return None, None
+                    deadline += len(chunk) / min_rate
+                    cm.reschedule(deadline)
+                    buf += chunk
+                    idx = buf.find(TERMINATOR, scan)
+                    if idx >= 0:
+                        rest = bytes(buf[idx + len(TERMINATOR) :])
+                        if rest:
+                            _unread(reader, rest)
+                        if overflow or idx > limit:
+                            return b"", "552 5.3.4 Message size exceeds fixed maximum message size"
+                        del buf[idx + 2 :]  # keep the CRLF that ends the last line
+                        return _unstuff(buf), None
+                    if len(buf) - 2 > limit + len(TERMINATOR):
+                        overflow = True
+                        del buf[: -len(TERMINATOR)]  # discard, keep what could start the terminator
+                    scan = max(0, len(buf) - len(TERMINATOR) + 1)
+        except TimeoutError:
+            if self.transport is not None:
+                await self.push("421 4.4.2 Timeout waiting for data, closing connection")
+                self.transport.close()
+            return None, None
+
+
+def _unstuff(buf: bytearray) -> bytes:
+    """The message from the DATA buffer (which starts with the DATA line's CRLF), dots unstuffed.
+
+    One copy at most alive beside the buffer (a 50 MB message must not cost
+    150): drop the leading CRLF in place (O(1) for a bytearray), copy once,
+    release the buffer, then unstuff dots (RFC 5321 4.5.2) at C speed only
+    if there are any.
+    """
+    first_dot = buf.startswith(b"\r\n.")
+    del buf[:2]
+    data = bytes(buf)
+    buf.clear()
+    if first_dot or b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n")
+        if first_dot:
+            data = data[1:]
+    return data
 
 
 def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
@@ -371,14 +643,29 @@ class RelayHandler:
         self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
+        # No AUTH line when no mechanism is available (no auth_file): aiosmtpd
+        # would announce "AUTH" with an empty list after STARTTLS.
+        lines = [r for r in responses[:-1] if r.rstrip() != "250-AUTH"]
         # aiosmtpd answers pipelined commands in order but does not say so.
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return [*lines, "250-PIPELINING", responses[-1]]
 
     async def handle_PROXY(
         self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data: Any
     ) -> bool:
-        """Trust the header: only a configured load balancer can reach a proxy_protocol listener."""
-        return bool(getattr(proxy_data, "valid", False) or getattr(proxy_data, "src_addr", None))
+        """Trust a well-formed header (only the load balancer can reach a proxy_protocol
+        listener), then apply the per-IP session limit to the client it names."""
+        if not getattr(proxy_data, "valid", False):
+            return False
+        src = getattr(proxy_data, "src_addr", None)
+        if src is None:  # PROXY UNKNOWN / LOCAL (health checks): the balancer itself
+            src = peer_ip(session.peer)
+        refusal = server.admit_client(str(src))
+        if refusal is not None:
+            runtime = self._runtime_ref()
+            runtime.metrics.connection("refused_limit")
+            await server.push(refusal)
+            return False
+        return True
 
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -396,7 +683,7 @@ class RelayHandler:
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
-        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         runtime = self._runtime_ref()
         cfg = runtime.config.server
@@ -424,7 +711,7 @@ class RelayHandler:
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: RelaySMTP, session: RelaySession, envelope: Envelope) -> str:
         runtime = self._runtime_ref()
         started = time.perf_counter()
         task = asyncio.ensure_future(
@@ -433,7 +720,7 @@ class RelayHandler:
                 rcpt_tos=tuple(envelope.rcpt_tos),
                 content=envelope.original_content or b"",
                 smtputf8=bool(envelope.smtp_utf8),
-                auth_user=getattr(session, "bccguard_user", None),
+                auth_user=session.bccguard_user,
                 session_id=server.session_id,
                 client=runtime.client_ip(session),
                 started=started,
