@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bccguard import __version__
@@ -30,6 +31,7 @@ from bccguard.store.quarantine import Quarantine
 from bccguard.store.spool import Spool
 from bccguard.systemd import notify
 from bccguard.upstream import open_upstream
+from bccguard.workers import WorkerRole
 
 READY_UPSTREAM_WINDOW = 60.0
 PROBE_INTERVAL = 15.0
@@ -39,11 +41,31 @@ def rule_names(config: Config) -> list[str]:
     return ["default", *(r.name for r in config.policy.rules)]
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """`[server] event_loop`: uvloop for "uvloop", and for "auto" when it is installed."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
+
+
 class App:
     def __init__(
-        self, config: Config, *, config_path: str | None = None, metrics: Metrics | None = None
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        metrics: Metrics | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         self.config_path = config_path
+        # Under a supervisor: share the port, leave /metrics to it, enforce a share of the limits.
+        self.worker = worker
         self.log = get_logger("bccguard")
         self.metrics = metrics or Metrics(rules=rule_names(config), version=__version__)
         self.notifier = Notifier()  # one per process: the rate limit survives reloads
@@ -62,6 +84,8 @@ class App:
         self.port = 0
 
     def _build_runtime(self, config: Config) -> Runtime:
+        if self.worker is not None:
+            config = self.worker.share(config)
         # Certificate and credentials first: a reload that cannot read them keeps the old runtime.
         tls_context = server_context(config.server.tls)
         credentials = load_credentials(config)
@@ -96,18 +120,26 @@ class App:
                 loop=loop,
             )
 
-        self.server = await loop.create_server(factory, host=host or None, port=port)
+        if self.worker is not None:
+            # The supervisor reserved the port (and resolved ":0"); every worker joins it.
+            port = self.worker.port
+        self.server = await loop.create_server(
+            factory, host=host or None, port=port, reuse_port=self.worker is not None
+        )
         sock = self.server.sockets[0]
         self.port = sock.getsockname()[1]
-        if cfg.metrics.listen:
+        if cfg.metrics.listen and self.worker is None:
             from bccguard.ops.http import OpsServer
 
             self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
             self.ops.start()
         self.metrics.quarantine_set(*self.runtime.quarantine.depth())
         self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
-        self._tasks.append(asyncio.create_task(self.retrier.run(), name="spool"))
-        self._tasks.append(asyncio.create_task(self._watch_stores(), name="store-metrics"))
+        if self.worker is None or self.worker.runs_retrier:
+            # One worker only: two would retry the same spooled copy, and each
+            # would count every release in the audit log (the sum doubles).
+            self._tasks.append(asyncio.create_task(self.retrier.run(), name="spool"))
+            self._tasks.append(asyncio.create_task(self._watch_stores(), name="store-metrics"))
         self._tasks.append(asyncio.create_task(self._watch_upstream(), name="upstream-probe"))
         self.log.info(
             "started",
@@ -116,10 +148,14 @@ class App:
             upstream=_scheme(cfg.upstream.url),
             config=cfg.source,
             rules=len(cfg.policy.rules),
+            worker=self.worker.index if self.worker is not None else None,
         )
         if cfg.logging.log_addresses:
             self.log.warning("address_logging_enabled", note="logs will contain full email addresses")
-        notify("READY=1")
+        if self.worker is not None:
+            self.worker.signal_ready()
+        else:
+            notify("READY=1")
 
     def readiness(self) -> tuple[bool, str]:
         if self.server is None or not self.server.is_serving():

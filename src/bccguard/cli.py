@@ -177,18 +177,18 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bccguard.app import App
     from bccguard.ops.logs import configure
+    from bccguard.workers import WorkerRole
 
     cfg: Config = load(args.config)
     configure(cfg.logging.level, cfg.logging.format, log_addresses=cfg.logging.log_addresses)
-
-    async def run() -> int:
-        app = App(cfg, config_path=args.config)
-        return await app.run()
-
+    worker = WorkerRole.from_env()
     try:
-        return asyncio.run(run())
+        if cfg.server.workers > 1 and worker is None:
+            from bccguard.workers import Supervisor
+
+            return Supervisor(cfg, config_path=args.config).run()
+        return _serve_one(cfg, args.config, worker)
     except OSError as exc:
         # Binding is the usual culprit: port taken or privileged.
         print(
@@ -198,6 +198,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _serve_one(cfg: Config, config_path: str | None, worker: Any) -> int:
+    from bccguard.app import App, loop_factory
+
+    async def run() -> int:
+        app = App(cfg, config_path=config_path, worker=worker)
+        return await app.run()
+
+    with asyncio.Runner(loop_factory=loop_factory(cfg.server.event_loop)) as runner:
+        return runner.run(run())
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import re
 import socket
@@ -118,7 +119,6 @@ def _consumer(value: str | list[str]) -> frozenset[str]:
     return base | _domains(names)
 
 
-WORKERS_AVAILABLE = False
 
 UPSTREAM_SCHEMES = ("smtp", "smtp+starttls", "smtps", "maildir")
 
@@ -189,7 +189,16 @@ class ServerConfig:
     max_auth_failures: int = field(default=3, metadata=_check(_positive, "e.g. 3"))
     shutdown_timeout: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
     proxy_protocol: bool = False
+    # Processes sharing the port (SO_REUSEPORT) under one supervisor; 1: no supervisor.
     workers: int = field(default=1, metadata=_check(_positive, "a process count, e.g. 2"))
+    # "auto": uvloop when it is installed (pip install 'bccguard[fast]'), else asyncio's own loop.
+    event_loop: str = field(
+        default="auto",
+        metadata=_check(
+            lambda v: v if v in ("auto", "asyncio", "uvloop") else _raise(f"{v!r} is not an event loop"),
+            '"auto", "asyncio" or "uvloop"',
+        ),
+    )
     tls: TLSConfig = field(default_factory=TLSConfig)
 
 
@@ -572,14 +581,16 @@ def _cross_checks(cfg: Config, source: str) -> None:
     for label, p in (("server.tls.cert", tls.cert), ("server.tls.key", tls.key)):
         if p and not Path(p).is_file():
             problems.append(f"{label}: {p} does not exist (fix: point it at a PEM file)")
-    if cfg.server.workers > 1 and not WORKERS_AVAILABLE:
-        problems.append("server.workers: several workers are not available in this version (fix: 1)")
     if cfg.server.auth_file and not tls.cert:
         problems.append(
             "server.auth_file: AUTH is only offered over TLS (fix: set server.tls.cert and key)"
         )
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
+    if cfg.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        problems.append(
+            "server.event_loop: uvloop is not installed (fix: pip install 'bccguard[fast]', or \"auto\")"
+        )
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
 

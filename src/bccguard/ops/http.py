@@ -138,7 +138,7 @@ class OpsServer:
     def __init__(
         self,
         listen: str,
-        metrics: Metrics,
+        metrics: Metrics | None,
         readiness: Readiness,
         *,
         registry: CollectorRegistry | None = None,
@@ -159,7 +159,9 @@ class OpsServer:
         family, sockaddr = _resolve(host, port)
         server_cls = _Server6 if family == socket.AF_INET6 else _Server
         server = server_cls(sockaddr, _Handler)
-        server.registry = self._registry or exposition_registry(self.metrics)
+        if self._registry is None and self.metrics is None:
+            raise ValueError("OpsServer needs metrics or a registry")
+        server.registry = self._registry or exposition_registry(self.metrics)  # type: ignore[arg-type]
         server.readiness = self.readiness
         self.port = server.server_address[1]
         self._server = server

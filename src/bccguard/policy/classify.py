@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from bccguard.config import PolicySettings
 from bccguard.policy.domains import in_domains, normalize_domain
 from bccguard.policy.model import Address, AddressClass
 
 
+@lru_cache(maxsize=16384)
 def classify_domain(domain: str, settings: PolicySettings) -> AddressClass:
-    """Internal beats partner beats consumer: a company may list its own webmail domain."""
+    """Internal beats partner beats consumer: a company may list its own webmail domain.
+
+    Cached: a survey repeats a few domains hundreds of times, and each message
+    classifies every address twice (decide, rewrite) plus every envelope recipient.
+    """
     if in_domains(domain, settings.internal_domains):
         return AddressClass.INTERNAL
     if in_domains(domain, settings.partner_domains):

@@ -155,8 +155,9 @@ def _assemble(message: bytes, block: HeaderBlock, plan: Plan, tail: bytes) -> by
     if out and not out.endswith(b"\n"):
         out += block.eol  # the last header line had no line ending
     out += tail
-    out += message[header_end:]
-    return bytes(out)
+    # The body joins the new header block in one copy (slicing it first, then
+    # appending to a bytearray, then bytes() made three: 40 ms for 25 MB).
+    return b"".join((out, memoryview(message)[header_end:]))
 
 
 def _stamp_field(stamp: str, eol: str) -> bytes:

@@ -56,10 +56,12 @@ def path_problem(address: str, *, smtputf8: bool) -> str | None:
         return "501 5.1.3 Address too long (RFC 5321 4.5.3.1.3)"
     if _CONTROL.search(address):
         return "501 5.1.3 Control characters are not allowed in addresses"
-    if any("\udc80" <= c <= "\udcff" for c in address):
-        return "501 5.1.3 Address is not valid UTF-8"
-    if not address.isascii() and not smtputf8:
-        return "553 5.6.7 Non-ASCII address requires the SMTPUTF8 extension"
+    # ASCII (nearly every address) has no surrogate escapes: skip the per-character scan.
+    if not address.isascii():
+        if any("\udc80" <= c <= "\udcff" for c in address):
+            return "501 5.1.3 Address is not valid UTF-8"
+        if not smtputf8:
+            return "553 5.6.7 Non-ASCII address requires the SMTPUTF8 extension"
     if _PLAIN.fullmatch(address) and len(address.partition("@")[0]) <= 64:
         return None
     try:

@@ -20,11 +20,13 @@ import base64
 import binascii
 import contextlib
 import functools
+import inspect
 import ipaddress
 import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
@@ -115,6 +117,20 @@ def client_allowed(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IP
     return any(addr in net for net in networks)
 
 
+_HOOK_NAMES: dict[type, list[str]] = {}
+
+
+def hook_names(obj: object) -> list[str]:
+    """aiosmtpd's SMTP.__init__ scans dir() of the protocol and of the handler three times per
+    connection for smtp_*/auth_*/handle_* methods (~80 µs, a tenth of a small message's CPU).
+    `__dir__` below lists only those names, computed once per class."""
+    cls = type(obj)
+    names = _HOOK_NAMES.get(cls)
+    if names is None:
+        names = _HOOK_NAMES[cls] = sorted(n for n in dir(cls) if n.startswith(("smtp_", "auth_", "handle_")))
+    return names
+
+
 # aiosmtpd replies without an enhanced status code (RFC 3463 / RFC 2034): the
 # code we add, by reply code. 2xx/3xx replies are left as they are.
 _ENHANCED = {
@@ -171,6 +187,9 @@ class _Commands(dict[str, Any]):
 class RelaySMTP(SMTP):
     """One client session. `runtime_ref()` returns the config snapshot in force for it."""
 
+    def __dir__(self) -> list[str]:
+        return hook_names(self)
+
     def __init__(
         self,
         handler: RelayHandler,
@@ -209,11 +228,14 @@ class RelaySMTP(SMTP):
         self._sessions = sessions
         self._admitted = False
         self._admitted_ip: str | None = None
+        self._pending_lines: list[str] = []  # see push()
         self._refused = False
         self.busy = False  # inside DATA: SIGTERM lets it finish
         self.closing = False
         self.session_id = ""
         self.refusal_logged = False  # one log line and one count per refused session
+        self.allowed = False  # client in allowed_networks, checked once per config snapshot
+        self.allowed_for: object = None
         self.accepted_counted = False
 
     def _create_session(self) -> RelaySession:
@@ -291,9 +313,19 @@ class RelaySMTP(SMTP):
         text = status if isinstance(status, str) else bytes(status).decode("utf-8", "replace")
         if not text.startswith("334 "):  # AUTH challenges are base64, not replies
             text = polish_reply(text)
+        if text[3:4] == "-":
+            # A line of a multi-line reply (EHLO: six of them): aiosmtpd pushes
+            # each with its own write and drain, a send() each. Held back and
+            # sent with the last line, the reply is one write and one reply
+            # counted, not six.
+            self._pending_lines.append(text)
+            return
         code = text[:3]
         if code.isdigit():
             self._runtime_ref().metrics.reply(int(code))
+        if self._pending_lines:
+            text = "\r\n".join([*self._pending_lines, text])
+            self._pending_lines.clear()
         await super().push(text)
         if code.isdigit() and int(code) in _BAD_COMMAND_CODES and not self.busy:
             await self._bad_command()
@@ -512,9 +544,7 @@ class RelaySMTP(SMTP):
                         if overflow or idx > limit:
                             return b"", "552 5.3.4 Message size exceeds fixed maximum message size"
                         del buf[idx + 2 :]  # keep the CRLF that ends the last line
-                        # Dot-unstuffing (RFC 5321 4.5.2) over the whole buffer at C speed.
-                        data = bytes(buf).replace(b"\r\n.", b"\r\n")[2:]
-                        return data, None
+                        return _unstuff(buf), None
                     if len(buf) - 2 > limit + len(TERMINATOR):
                         overflow = True
                         del buf[: -len(TERMINATOR)]  # discard, keep what could start the terminator
@@ -526,6 +556,25 @@ class RelaySMTP(SMTP):
             return None, None
 
 
+def _unstuff(buf: bytearray) -> bytes:
+    """The message from the DATA buffer (which starts with the DATA line's CRLF), dots unstuffed.
+
+    One copy at most alive beside the buffer (a 50 MB message must not cost
+    150): drop the leading CRLF in place (O(1) for a bytearray), copy once,
+    release the buffer, then unstuff dots (RFC 5321 4.5.2) at C speed only
+    if there are any.
+    """
+    first_dot = buf.startswith(b"\r\n.")
+    del buf[:2]
+    data = bytes(buf)
+    buf.clear()
+    if first_dot or b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n")
+        if first_dot:
+            data = data[1:]
+    return data
+
+
 def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
     """Put bytes back at the front of the reader (pipelined commands after DATA)."""
     buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
@@ -535,40 +584,57 @@ def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
 MAX_LINE = 1000  # RFC 5321 4.5.3.1.6: 998 characters + CRLF
 
 
-def check_content(content: bytes) -> str | None:
-    """Refuse bare CR/LF (SMTP smuggling material) and over-long lines.
+BARE_LINE_ENDING = (
+    "550 5.6.0 Message contains a bare CR or LF; use CRLF line endings (SMTP smuggling protection)"
+)
+LONG_LINE = (
+    "554 5.6.0 Message has a line longer than 998 characters (RFC 5322 2.1.1); "
+    "encode long lines, e.g. quoted-printable"
+)
+_SCAN_SLICE = 1 << 20  # lines are split a slice at a time: the list never holds a big message twice
 
-    Counting is three C-speed passes, and the line scan is a bounded
-    `find` per line: a regex for either costs 100x more on 100 KB.
+
+def check_content(content: bytes) -> str | None:
+    """Refuse bare CR/LF (SMTP smuggling material) and over-long body lines.
+
+    All of it runs at C speed: two counts (as many CR as LF), then per slice
+    one split on LF, "every line ends with CR" and the longest body line via
+    map(). That proves every LF has its CR and, the counts being equal, that
+    no CR stands alone. Counting CRLF (a slow two-byte search) and a find()
+    per line, as before, cost 300 us for 100 KB; this about 170 us.
     """
-    crlf = content.count(b"\r\n")
-    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-        return "550 5.6.0 Message contains a bare CR or LF; use CRLF line endings (SMTP smuggling protection)"
+    if content.count(b"\n") != content.count(b"\r"):
+        return BARE_LINE_ENDING
     # Header lines are exempt: a survey script's one-line To of 300 addresses
     # is exactly the mail bccguard exists to fix (the rewrite folds it), and
     # the header block is bounded by max_header_size instead.
     end = content.find(b"\r\n\r\n")
-    if end >= 0 and has_long_line(content, start=end + 4):
-        return (
-            "554 5.6.0 Message has a line longer than 998 characters (RFC 5322 2.1.1); "
-            "encode long lines, e.g. quoted-printable"
-        )
-    return None
-
-
-def has_long_line(content: bytes, limit: int = MAX_LINE, *, start: int = 0) -> bool:
-    find = content.find
-    pos, n = start, len(content)
-    while pos < n:
-        j = find(b"\n", pos, pos + limit)
-        if j < 0:
-            return n - pos > limit - 2  # no LF within reach: a line of 999+ characters
-        pos = j + 1
-    return False
+    body = end + 4 if end >= 0 else len(content)
+    long_line = False
+    for first, last, in_body in ((0, body, False), (body, len(content), True)):
+        pos = first
+        while pos < last:
+            stop = last
+            if last - pos > _SCAN_SLICE:
+                stop = content.rfind(b"\n", pos, pos + _SCAN_SLICE) + 1
+            if stop <= pos:  # a single line over a whole slice: take it to its end
+                stop = content.find(b"\n", pos, last) + 1 or last
+            lines = content[pos:stop].split(b"\n")
+            tail = lines.pop()  # after the last LF: empty, or an unterminated last line
+            if not all(map(bytes.endswith, lines, repeat(b"\r"))):
+                return BARE_LINE_ENDING
+            if in_body and not long_line:
+                longest = max(map(len, lines), default=0)
+                long_line = longest > MAX_LINE - 1 or len(tail) > MAX_LINE - 2
+            pos = stop
+    return LONG_LINE if long_line else None
 
 
 class RelayHandler:
     """aiosmtpd hooks: the envelope gate. DATA goes to the Relay in force."""
+
+    def __dir__(self) -> list[str]:
+        return hook_names(self)
 
     def __init__(self, runtime_ref: Callable[[], Runtime]) -> None:
         self._runtime_ref = runtime_ref
@@ -621,8 +687,13 @@ class RelayHandler:
     ) -> str:
         runtime = self._runtime_ref()
         cfg = runtime.config.server
-        ip = runtime.client_ip(session)
-        if not (session.authenticated or client_allowed(ip, cfg.allowed_networks)):
+        # The network check parses the client address: once per session and
+        # config snapshot, not per RCPT (4 us each, 0.4 ms for 100 recipients).
+        if server.allowed_for is not cfg:
+            server.allowed = client_allowed(runtime.client_ip(session), cfg.allowed_networks)
+            server.allowed_for = cfg
+        if not (session.authenticated or server.allowed):
+            ip = runtime.client_ip(session)
             if not server.refusal_logged:
                 server.refusal_logged = True
                 runtime.metrics.connection("refused_network")
@@ -664,3 +735,8 @@ class RelayHandler:
         runtime.log.error("smtp_exception", exc_info=error)
         runtime.metrics.connection("protocol_error")
         return "451 4.3.0 Internal error, try again later"
+
+
+# aiosmtpd inspects handle_EHLO's signature on every connection (old 4-argument
+# form or new 5-argument form); computed once here, inspect returns it as is.
+RelayHandler.handle_EHLO.__signature__ = inspect.signature(RelayHandler.handle_EHLO)  # type: ignore[attr-defined]

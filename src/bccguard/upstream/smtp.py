@@ -51,11 +51,11 @@ class _Stale(Exception):
 
 
 @contextlib.asynccontextmanager
-async def _step(seconds: float, what: str) -> AsyncIterator[None]:
+async def _step(seconds: float, what: str) -> AsyncIterator[asyncio.Timeout]:
     """One network step under `seconds`, with transport exceptions mapped to UpstreamError."""
     try:
-        async with asyncio.timeout(seconds):
-            yield
+        async with asyncio.timeout(seconds) as limit:
+            yield limit
     except UpstreamError:
         raise
     except TimeoutError:  # before OSError: TimeoutError is one
@@ -105,28 +105,53 @@ class Connection:
 
     async def read_reply(self, what: str) -> Reply:
         """Read one complete (possibly multi-line) reply within the timeout."""
+        async with _step(self.timeout, what):
+            return await self._reply(what)
+
+    async def read_replies(self, count: int, what: str) -> list[Reply]:
+        """Up to `count` replies of a pipelined group, stopping after a 421.
+
+        The timeout still bounds the wait for each reply, as `read_reply` does,
+        but one timer serves the whole group (moved on when replies come in):
+        a timer and a context manager per reply cost more than parsing the
+        reply, 8 us each, 0.8 ms for a 100-recipient message.
+        """
+        replies: list[Reply] = []
+        loop = asyncio.get_running_loop()
+        async with _step(self.timeout, what) as limit:
+            moved = loop.time()
+            while len(replies) < count:
+                replies.append(await self._reply(what))
+                if self.closing:
+                    break
+                now = loop.time()
+                if now - moved > 1.0:  # within a second of slack, a deadline per reply
+                    limit.reschedule(now + self.timeout)
+                    moved = now
+        return replies
+
+    async def _reply(self, what: str) -> Reply:
         code = 0
         lines: list[str] = []
-        async with _step(self.timeout, what):
-            while True:
-                raw = await self.reader.readuntil(b"\n")
-                if len(raw) > MAX_LINE:
-                    raise UpstreamError("protocol", f"reply line too long during {what}")
-                try:
-                    c, more, text = parse_reply_line(raw)
-                except ValueError:
-                    raise UpstreamError("protocol", f"malformed reply during {what}") from None
-                if code and c != code:
-                    raise UpstreamError("protocol", f"reply lines disagree on the code ({what})")
-                code = c
-                lines.append(text)
-                if not more:
-                    break
-                if len(lines) >= MAX_REPLY_LINES:
-                    raise UpstreamError("protocol", f"reply has too many lines during {what}")
+        while True:
+            raw = await self.reader.readuntil(b"\n")
+            if len(raw) > MAX_LINE:
+                raise UpstreamError("protocol", f"reply line too long during {what}")
+            try:
+                c, more, text = parse_reply_line(raw)
+            except ValueError:
+                raise UpstreamError("protocol", f"malformed reply during {what}") from None
+            if code and c != code:
+                raise UpstreamError("protocol", f"reply lines disagree on the code ({what})")
+            code = c
+            lines.append(text)
+            if not more:
+                break
+            if len(lines) >= MAX_REPLY_LINES:
+                raise UpstreamError("protocol", f"reply has too many lines during {what}")
         if code == 421:
             self.closing = True
-        return Reply(code, "\n".join(lines))
+        return Reply(code, "\n".join(lines) if len(lines) > 1 else lines[0])
 
     async def command(self, line: bytes, what: str) -> Reply:
         self.write(line)
@@ -306,8 +331,20 @@ class SMTPUpstream:
         if self._slots is None:
             yield
             return
-        async with self._slots:
+        # Back-pressure: at most pool_size transactions go upstream at once;
+        # the others wait here, but no longer than one upstream step, then
+        # their clients get 451 and retry later (the session limits bound
+        # how many wait, and so the memory their messages hold).
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            what = f"no upstream connection free within {self.timeout:g}s (pool_size {self.pool_size})"
+            raise UpstreamError("timeout", what) from None
+        try:
             yield
+        finally:
+            self._slots.release()
 
     def _take_idle(self) -> Connection | None:
         while self._idle:
@@ -474,13 +511,12 @@ class SMTPUpstream:
             last = mail_reply = await self._first_reply(conn, "MAIL FROM")
             conn.dirty = mail_reply.is_ok
             if not conn.closing:
-                for _ in rcpts:
-                    last = await conn.read_reply("RCPT TO")
-                    rcpt_replies.append(last)
-                    if conn.closing:
-                        break
-                else:
-                    last = data_reply = await conn.read_reply("DATA")
+                # The RCPT replies and DATA's; fewer when a 421 cut the group short.
+                rest = await conn.read_replies(len(rcpts) + 1, "RCPT TO/DATA")
+                rcpt_replies = rest[: len(rcpts)]
+                if len(rest) > len(rcpts):
+                    data_reply = rest[-1]
+                last = rest[-1]
         else:
             conn.write(mail)
             last = mail_reply = await self._first_reply(conn, "MAIL FROM")
