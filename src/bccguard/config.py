@@ -191,7 +191,7 @@ class ServerConfig:
     proxy_protocol: bool = False
     # Processes sharing the port (SO_REUSEPORT) under one supervisor; 1: no supervisor.
     workers: int = field(default=1, metadata=_check(_positive, "a process count, e.g. 2"))
-    # "auto": uvloop when it is installed (pip install 'bccguard[fast]'), else asyncio's own loop.
+    # "auto": uvloop when it is installed (a default dependency on Linux and macOS), else asyncio's own loop.
     event_loop: str = field(
         default="auto",
         metadata=_check(
@@ -589,7 +589,7 @@ def _cross_checks(cfg: Config, source: str) -> None:
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
     if cfg.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         problems.append(
-            "server.event_loop: uvloop is not installed (fix: pip install 'bccguard[fast]', or \"auto\")"
+            "server.event_loop: uvloop is not installed (fix: pip install uvloop, or \"auto\")"
         )
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
