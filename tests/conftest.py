@@ -101,3 +101,32 @@ def message(
     if extra:
         head.append(extra)
     return ("\r\n".join(head) + "\r\n\r\n" + body).encode()
+
+
+async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> list[bytes]:
+    """Send `data` (if any) and read one whole reply, multi-line included, CRLF stripped.
+
+    Every reply line is also checked for address-like text: the relay never
+    puts an address in a reply, whatever the test is about.
+    """
+    if data:
+        writer.write(data)
+        await writer.drain()
+    lines = []
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        assert line, "connection closed"
+        assert b"@" not in line, f"an address-like text leaked into a reply: {line!r}"
+        lines.append(line.rstrip(b"\r\n"))
+        if line[3:4] != b"-":
+            return lines
+
+
+def data_reply(port: int, mail_from: str, rcpts: list[str], data: bytes) -> tuple[int, bytes]:
+    """One transaction with smtplib (blocking: call it through asyncio.to_thread); the DATA reply."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.ehlo("client.test")
+        c.mail(mail_from)
+        for r in rcpts:
+            assert c.rcpt(r)[0] == 250
+        return c.data(data)

@@ -13,7 +13,7 @@ import pytest
 from bccguard.app import App
 from bccguard.policy.addresses import visible_recipients
 from bccguard.policy.headers import parse_header
-from conftest import StartRelay, message, send
+from conftest import StartRelay, data_reply, message, send, talk
 from sink import Received, Sink
 
 
@@ -87,7 +87,7 @@ async def test_partial_refusal_spools_the_rest_and_reports_the_truth(relay: App,
     }
     rcpts = ["ok@clients.example", "gone@clients.example", "busy@clients.example"]
     data = message(rcpts)
-    reply = await asyncio.to_thread(_data_reply, relay.port, "news@corp.example", rcpts, data)
+    reply = await asyncio.to_thread(data_reply, relay.port, "news@corp.example", rcpts, data)
     assert reply[0] == 250
     assert b"1 of 3" in reply[1]
     assert sink.messages[0].rcpt_tos == ["ok@clients.example"]
@@ -106,15 +106,6 @@ async def test_partial_refusal_spools_the_rest_and_reports_the_truth(relay: App,
     delivered = sorted(tuple(m.rcpt_tos) for m in sink.messages)
     assert delivered == [("busy@clients.example",), ("news@corp.example",)]
     assert relay.runtime.spool.entries() == []
-
-
-def _data_reply(port: int, mail_from: str, rcpts: list[str], data: bytes) -> tuple[int, bytes]:
-    with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
-        c.ehlo("client.test")
-        c.mail(mail_from)
-        for r in rcpts:
-            assert c.rcpt(r)[0] == 250
-        return c.data(data)
 
 
 async def test_client_outside_allowed_networks_is_refused_at_rcpt(
@@ -161,31 +152,19 @@ async def test_smuggling_and_bare_line_endings_are_refused(relay: App, sink: Sin
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     try:
         assert (await reader.readline()).startswith(b"220 ")
-        lines = await _talk(reader, writer, b"EHLO attacker.test\r\n")
+        lines = await talk(reader, writer, b"EHLO attacker.test\r\n")
         assert lines[-1].startswith(b"250 ")
-        await _talk(reader, writer, b"MAIL FROM:<a@corp.example>\r\n")
-        await _talk(reader, writer, b"RCPT TO:<b@corp.example>\r\n")
-        assert (await _talk(reader, writer, b"DATA\r\n"))[0].startswith(b"354")
-        reply = await _talk(reader, writer, payload + b"\r\n.\r\n")
+        await talk(reader, writer, b"MAIL FROM:<a@corp.example>\r\n")
+        await talk(reader, writer, b"RCPT TO:<b@corp.example>\r\n")
+        assert (await talk(reader, writer, b"DATA\r\n"))[0].startswith(b"354")
+        reply = await talk(reader, writer, payload + b"\r\n.\r\n")
         assert reply[0].startswith(b"550 5.6.0"), reply
         # the session is still in a sane state afterwards
-        assert (await _talk(reader, writer, b"NOOP\r\n"))[0].startswith(b"250")
+        assert (await talk(reader, writer, b"NOOP\r\n"))[0].startswith(b"250")
     finally:
         writer.close()
     await asyncio.sleep(0.05)
     assert delivered(sink) == []
-
-
-async def _talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> list[bytes]:
-    writer.write(data)
-    await writer.drain()
-    lines = []
-    while True:
-        line = await asyncio.wait_for(reader.readline(), 10)
-        assert line, "connection closed"
-        lines.append(line.rstrip(b"\r\n"))
-        if line[3:4] != b"-":
-            return lines
 
 
 async def test_pipelined_commands_after_data_are_not_lost(relay: App, sink: Sink) -> None:
@@ -214,7 +193,7 @@ async def test_pipelined_commands_after_data_are_not_lost(relay: App, sink: Sink
 async def test_quarantine_holds_the_original_durably(start_relay: StartRelay, sink: Sink) -> None:
     app = await start_relay(f"smtp://127.0.0.1:{sink.port}", {"policy": {"action": "quarantine"}})
     data = message(CUSTOMERS[:20])
-    reply = await asyncio.to_thread(_data_reply, app.port, "news@corp.example", CUSTOMERS[:20], data)
+    reply = await asyncio.to_thread(data_reply, app.port, "news@corp.example", CUSTOMERS[:20], data)
     assert reply[0] == 250 and reply[1].startswith(b"2.6.0 Held for review as ")
     assert delivered(sink) == []
     q = app.runtime.quarantine
@@ -283,9 +262,9 @@ async def test_proxy_protocol_client_address_decides_relaying(start_relay: Start
         reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
         writer.write(f"PROXY TCP4 {src} 127.0.0.1 40000 25\r\n".encode())
         assert (await reader.readline()).startswith(b"220")
-        await _talk(reader, writer, b"EHLO lb.test\r\n")
-        await _talk(reader, writer, b"MAIL FROM:<a@corp.example>\r\n")
-        assert (await _talk(reader, writer, b"RCPT TO:<b@corp.example>\r\n"))[0].startswith(expected)
+        await talk(reader, writer, b"EHLO lb.test\r\n")
+        await talk(reader, writer, b"MAIL FROM:<a@corp.example>\r\n")
+        assert (await talk(reader, writer, b"RCPT TO:<b@corp.example>\r\n"))[0].startswith(expected)
         writer.close()
 
 
@@ -307,7 +286,7 @@ async def test_ehlo_advertises_size_8bitmime_smtputf8_pipelining(relay: App) -> 
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     try:
         await reader.readline()
-        lines = await _talk(reader, writer, b"EHLO client.test\r\n")
+        lines = await talk(reader, writer, b"EHLO client.test\r\n")
     finally:
         writer.close()
     keywords = {line[4:].split(b" ")[0] for line in lines[1:]}

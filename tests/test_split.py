@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import smtplib
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from bccguard.app import App
 from bccguard.policy.headers import parse_header
-from conftest import StartRelay, message
+from conftest import StartRelay, data_reply, message
 from proc import eventually
 from sink import Received, Sink
 
@@ -38,15 +37,6 @@ def field(block: bytes, name: bytes) -> bytes:
     m = re.search(rb"^" + name + rb":(.*(?:\r\n[ \t].*)*)\r\n", block, re.IGNORECASE | re.MULTILINE)
     assert m is not None, name
     return b" ".join(m.group(1).split())
-
-
-def data_reply(port: int, mail_from: str, rcpts: list[str], data: bytes) -> tuple[int, bytes]:
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
-        c.ehlo("client.test")
-        c.mail(mail_from)
-        for r in rcpts:
-            assert c.rcpt(r)[0] == 250
-        return c.data(data)
 
 
 async def split_survey(app: App, mail_from: str = "news@corp.example", customers: list[str] = CUSTOMERS,

@@ -22,7 +22,7 @@ import pytest
 
 from bccguard.app import App
 from bccguard.smtp.auth import Credentials, hash_password
-from conftest import StartRelay, message, send
+from conftest import StartRelay, message, send, talk
 from sink import Sink, self_signed_cert, server_tls_context
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -59,19 +59,6 @@ def client_context(cert: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cert))
 
 
-async def _talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> list[bytes]:
-    if data:
-        writer.write(data)
-        await writer.drain()
-    lines = []
-    while True:
-        line = await asyncio.wait_for(reader.readline(), 10)
-        assert line, "connection closed"
-        lines.append(line.rstrip(b"\r\n"))
-        if line[3:4] != b"-":
-            return lines
-
-
 async def _open(port: int, source: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, local_addr=(source, 0) if source else None
@@ -97,16 +84,16 @@ async def test_auth_before_starttls_is_refused_with_538(
     app = await start_relay(sink.url, tls_extra(tls_files, auth_file))
     reader, writer = await _open(app.port)
     try:
-        ehlo = await _talk(reader, writer, b"EHLO c.test\r\n")
+        ehlo = await talk(reader, writer, b"EHLO c.test\r\n")
         assert b"250-STARTTLS" in ehlo
         assert not any(b"AUTH" in line for line in ehlo), "AUTH must not be offered in clear text"
-        reply = await _talk(reader, writer, b"AUTH PLAIN " + plain("alice", "wonderland") + b"\r\n")
+        reply = await talk(reader, writer, b"AUTH PLAIN " + plain("alice", "wonderland") + b"\r\n")
         assert reply == [b"538 5.7.11 Encryption required for requested authentication mechanism"]
-        assert (await _talk(reader, writer, b"STARTTLS\r\n"))[0].startswith(b"220")
+        assert (await talk(reader, writer, b"STARTTLS\r\n"))[0].startswith(b"220")
         await _starttls(writer, tls_files[0])
-        ehlo = await _talk(reader, writer, b"EHLO c.test\r\n")
+        ehlo = await talk(reader, writer, b"EHLO c.test\r\n")
         assert b"250-AUTH LOGIN PLAIN" in ehlo and b"250-STARTTLS" not in ehlo
-        reply = await _talk(reader, writer, b"AUTH PLAIN " + plain("alice", "wonderland") + b"\r\n")
+        reply = await talk(reader, writer, b"AUTH PLAIN " + plain("alice", "wonderland") + b"\r\n")
         assert reply == [b"235 2.7.0 Authentication successful"]
     finally:
         writer.close()
@@ -118,12 +105,12 @@ async def test_no_auth_file_means_no_auth_offered_even_over_tls(
     app = await start_relay(sink.url, tls_extra(tls_files))
     reader, writer = await _open(app.port)
     try:
-        await _talk(reader, writer, b"EHLO c.test\r\n")
-        await _talk(reader, writer, b"STARTTLS\r\n")
+        await talk(reader, writer, b"EHLO c.test\r\n")
+        await talk(reader, writer, b"STARTTLS\r\n")
         await _starttls(writer, tls_files[0])
-        ehlo = await _talk(reader, writer, b"EHLO c.test\r\n")
+        ehlo = await talk(reader, writer, b"EHLO c.test\r\n")
         assert not any(b"AUTH" in line for line in ehlo)
-        reply = await _talk(reader, writer, b"AUTH PLAIN " + plain("alice", "wonderland") + b"\r\n")
+        reply = await talk(reader, writer, b"AUTH PLAIN " + plain("alice", "wonderland") + b"\r\n")
         assert reply[0].startswith(b"504 5.5.4")
     finally:
         writer.close()
@@ -189,16 +176,16 @@ async def test_failed_auth_is_535_counted_and_limited_per_session(
     registry = app.metrics.registry
     reader, writer = await _open(app.port)
     try:
-        await _talk(reader, writer, b"EHLO c.test\r\n")
-        await _talk(reader, writer, b"STARTTLS\r\n")
+        await talk(reader, writer, b"EHLO c.test\r\n")
+        await talk(reader, writer, b"STARTTLS\r\n")
         await _starttls(writer, tls_files[0])
-        await _talk(reader, writer, b"EHLO c.test\r\n")
+        await talk(reader, writer, b"EHLO c.test\r\n")
         for creds in (plain("alice", "wrong"), plain("nobody", "wonderland")):
-            reply = await _talk(reader, writer, b"AUTH PLAIN " + creds + b"\r\n")
+            reply = await talk(reader, writer, b"AUTH PLAIN " + creds + b"\r\n")
             assert reply == [b"535 5.7.8 Authentication credentials invalid"]
         # LOGIN, the third failure: 535 then 421, and the connection is closed
-        assert (await _talk(reader, writer, b"AUTH LOGIN\r\n"))[0].startswith(b"334 ")
-        assert (await _talk(reader, writer, base64.b64encode(b"alice") + b"\r\n"))[0].startswith(b"334 ")
+        assert (await talk(reader, writer, b"AUTH LOGIN\r\n"))[0].startswith(b"334 ")
+        assert (await talk(reader, writer, base64.b64encode(b"alice") + b"\r\n"))[0].startswith(b"334 ")
         writer.write(base64.b64encode(b"nope") + b"\r\n")
         rest = await asyncio.wait_for(reader.read(), 10)
         assert rest.splitlines() == [
@@ -216,18 +203,18 @@ async def test_auth_login_works_and_cancel_gets_one_reply(
     app = await start_relay(sink.url, tls_extra(tls_files, auth_file))
     reader, writer = await _open(app.port)
     try:
-        await _talk(reader, writer, b"EHLO c.test\r\n")
-        await _talk(reader, writer, b"STARTTLS\r\n")
+        await talk(reader, writer, b"EHLO c.test\r\n")
+        await talk(reader, writer, b"STARTTLS\r\n")
         await _starttls(writer, tls_files[0])
-        await _talk(reader, writer, b"EHLO c.test\r\n")
-        assert (await _talk(reader, writer, b"AUTH PLAIN\r\n"))[0] == b"334 "
+        await talk(reader, writer, b"EHLO c.test\r\n")
+        assert (await talk(reader, writer, b"AUTH PLAIN\r\n"))[0] == b"334 "
         # "*" cancels (RFC 4954 4): one reply, and the session goes on
-        assert await _talk(reader, writer, b"*\r\n") == [b"501 5.7.0 Auth aborted"]
-        assert (await _talk(reader, writer, b"NOOP\r\n"))[0].startswith(b"250")
-        await _talk(reader, writer, b"AUTH LOGIN " + base64.b64encode(b"alice") + b"\r\n")
-        reply = await _talk(reader, writer, base64.b64encode(b"wonderland") + b"\r\n")
+        assert await talk(reader, writer, b"*\r\n") == [b"501 5.7.0 Auth aborted"]
+        assert (await talk(reader, writer, b"NOOP\r\n"))[0].startswith(b"250")
+        await talk(reader, writer, b"AUTH LOGIN " + base64.b64encode(b"alice") + b"\r\n")
+        reply = await talk(reader, writer, base64.b64encode(b"wonderland") + b"\r\n")
         assert reply == [b"235 2.7.0 Authentication successful"]
-        assert (await _talk(reader, writer, b"AUTH PLAIN x\r\n"))[0].startswith(b"503 5.5.1")
+        assert (await talk(reader, writer, b"AUTH PLAIN x\r\n"))[0].startswith(b"503 5.5.1")
     finally:
         writer.close()
 
@@ -240,8 +227,8 @@ async def test_require_tls_refuses_mail_before_starttls(
                                                           "require_tls": True}}})
     reader, writer = await _open(app.port)
     try:
-        await _talk(reader, writer, b"EHLO c.test\r\n")
-        reply = await _talk(reader, writer, b"MAIL FROM:<a@corp.example>\r\n")
+        await talk(reader, writer, b"EHLO c.test\r\n")
+        reply = await talk(reader, writer, b"MAIL FROM:<a@corp.example>\r\n")
         assert reply == [b"530 5.7.0 Must issue a STARTTLS command first"]
     finally:
         writer.close()
@@ -265,8 +252,8 @@ async def test_protocol_floor_refuses_older_tls(
     old = client_context(cert)
     old.maximum_version = ssl.TLSVersion.TLSv1_2
     try:
-        await _talk(reader, writer, b"EHLO c.test\r\n")
-        await _talk(reader, writer, b"STARTTLS\r\n")
+        await talk(reader, writer, b"EHLO c.test\r\n")
+        await talk(reader, writer, b"STARTTLS\r\n")
         # the server refuses the handshake (seen as an SSL alert or a reset, by timing)
         with pytest.raises((ssl.SSLError, ConnectionResetError)):
             await writer.start_tls(old, server_hostname="127.0.0.1")
