@@ -25,7 +25,7 @@ from typing import Any, TextIO
 from bccguard.config import Config, parse_duration
 from bccguard.policy.addresses import visible_recipients
 from bccguard.policy.classify import classify_rcpt
-from bccguard.policy.decide import decide, select_rule
+from bccguard.policy.decide import decide_with, select_rule
 from bccguard.policy.engine import rewrite_for
 from bccguard.policy.headers import parse_header
 from bccguard.policy.notice import display_subject
@@ -192,8 +192,9 @@ async def _release(cfg: Config, q: Quarantine, e: Entry, *, rewrite: bool, out: 
     how = "rewritten" if rewrite else "as it was"
     if rewrite:
         block = parse_header(data)
-        verdict = decide(env, visible_recipients(block), cfg.policy)
-        data, hidden = rewrite_for(data, block, env, cfg.policy, verdict)
+        rule, settings = select_rule(cfg.policy, env)
+        verdict = decide_with(rule, settings, env, visible_recipients(block))
+        data, hidden = rewrite_for(data, block, env, settings, verdict)
         how = f"rewritten ({hidden} addresses hidden)"
     upstream = open_upstream(cfg.upstream, hostname=cfg.server.hostname)
     try:

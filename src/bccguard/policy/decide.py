@@ -58,6 +58,13 @@ def _extra_specs(a: Address) -> list[str]:
 
 def decide(envelope: Envelope, visible: Sequence[Address], policy: PolicyConfig) -> Verdict:
     rule, settings = select_rule(policy, envelope)
+    return decide_with(rule, settings, envelope, visible)
+
+
+def decide_with(
+    rule: str, settings: PolicySettings, envelope: Envelope, visible: Sequence[Address]
+) -> Verdict:
+    """`decide` for a rule already selected: the engine selects once and reuses the settings."""
     external: set[str] = set()
     consumer: set[str] = set()
     distinct: set[str] = set()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from bccguard.config import PolicyConfig, PolicySettings
 from bccguard.policy.addresses import first_from, visible_recipients
 from bccguard.policy.classify import classify, classify_rcpt, envelope_domain
-from bccguard.policy.decide import decide, select_rule
+from bccguard.policy.decide import decide_with, select_rule
 from bccguard.policy.dkim import breaks_signature, signed_fields
 from bccguard.policy.headers import HeaderBlock, parse_header
 from bccguard.policy.model import Action, Address, Envelope, RewriteTo, Verdict
@@ -52,21 +52,22 @@ def reply_to_for(block: HeaderBlock, settings: PolicySettings) -> str | None:
 def evaluate(message: bytes, envelope: Envelope, policy: PolicyConfig) -> Outcome:
     block = parse_header(message)
     visible = tuple(visible_recipients(block))
-    verdict = decide(envelope, visible, policy)
+    rule, settings = select_rule(policy, envelope)  # once: every step below uses the same rule
+    verdict = decide_with(rule, settings, envelope, visible)
     out = message
     split = None
     changes = verdict.action in (Action.REWRITE, Action.SPLIT)
     if changes or (verdict.action is Action.AUDIT and verdict.would is Action.REWRITE):
-        rewritten, hidden = rewrite_for(message, block, envelope, policy, verdict)
+        rewritten, hidden = rewrite_for(message, block, envelope, settings, verdict)
         if changes:
             out = rewritten
             verdict = replace(verdict, hidden=hidden)
         if block.get_all("dkim-signature") and _breaks_signature(
             message, block, rewritten, split=verdict.action is Action.SPLIT
         ):
-            verdict, out = _on_signed(verdict, message, out, select_rule(policy, envelope)[1])
+            verdict, out = _on_signed(verdict, message, out, settings)
     if verdict.action is Action.SPLIT:
-        split = split_for(block, visible, envelope, policy, verdict)
+        split = split_for(block, visible, envelope, settings, verdict)
     return Outcome(verdict=verdict, block=block, visible=visible, message=out, split=split)
 
 
@@ -74,11 +75,10 @@ def split_for(
     block: HeaderBlock,
     visible: tuple[Address, ...],
     envelope: Envelope,
-    policy: PolicyConfig,
+    settings: PolicySettings,
     verdict: Verdict,
 ) -> SplitPlan:
     """One copy per external envelope recipient, one shared copy for the rest."""
-    _, settings = select_rule(policy, envelope)
     return plan_split(
         visible,
         envelope.rcpt_tos,
@@ -118,10 +118,9 @@ def _on_signed(
 
 
 def rewrite_for(
-    message: bytes, block: HeaderBlock, envelope: Envelope, policy: PolicyConfig, verdict: Verdict
+    message: bytes, block: HeaderBlock, envelope: Envelope, settings: PolicySettings, verdict: Verdict
 ) -> tuple[bytes, int]:
     """The Bcc-style copy: external addresses out of To/Cc, envelope untouched."""
-    _, settings = select_rule(policy, envelope)
     n = verdict.hidden or len(verdict.visible_external)
     return rewrite_headers(
         message,
