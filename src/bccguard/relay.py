@@ -34,6 +34,7 @@ from bccguard.policy.dsn import Failure, build_dsn
 from bccguard.policy.engine import Outcome, evaluate
 from bccguard.policy.model import Action, Envelope
 from bccguard.smtp.auth import Credentials
+from bccguard.smtp.server import peer_ip
 from bccguard.store.quarantine import Quarantine
 from bccguard.store.spool import Spool
 from bccguard.upstream import DeliveryResult, Reply, Upstream, UpstreamError
@@ -96,10 +97,7 @@ class Runtime:
         src = getattr(proxy, "src_addr", None) if proxy is not None else None
         if src:
             return str(src)
-        peer = getattr(session, "peer", None)
-        if isinstance(peer, tuple) and peer:
-            return str(peer[0])
-        return str(peer or "")
+        return peer_ip(getattr(session, "peer", None))
 
 
 class Relay:
@@ -369,5 +367,3 @@ def _ms(t0: float) -> float:
 def _top_domains(rcpts: tuple[str, ...], n: int = 5) -> dict[str, int]:
     return dict(Counter(domain_of(r) for r in rcpts).most_common(n))
 
-
-RuntimeRef = Callable[[], Runtime]
