@@ -28,7 +28,7 @@ from typing import Any
 
 from bccguard.config import Config
 from bccguard.notify import Notifier
-from bccguard.ops.logs import domain_of
+from bccguard.ops.logs import domain_of, redact
 from bccguard.ops.metrics import Metrics
 from bccguard.policy.dsn import Failure, build_dsn
 from bccguard.policy.engine import Outcome, evaluate
@@ -38,8 +38,6 @@ from bccguard.smtp.server import peer_ip
 from bccguard.store.quarantine import Quarantine
 from bccguard.store.spool import Spool
 from bccguard.upstream import DeliveryResult, Reply, Upstream, UpstreamError
-
-_ADDRESS_RE = re.compile(r"[^\s<>()\[\],;:\"']+@[^\s<>()\[\],;:\"']+")
 
 TEMPFAIL = {
     "connect": "451 4.4.1 Upstream mail server unreachable, try again later",
@@ -51,11 +49,6 @@ TEMPFAIL = {
 BIG_HEADER = 64 * 1024
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 DISK_ERROR = "451 4.3.0 Could not store the message, try again later"
-
-
-def redact(text: str) -> str:
-    """Upstream reply text may quote an address; ours never does."""
-    return _ADDRESS_RE.sub("<address>", " ".join(text.split()))[:400]
 
 
 def reply_line(code: int, text: str) -> str:
@@ -327,7 +320,7 @@ class Relay:
                     message,
                     sender=env.mail_from,
                     reporting_mta=rt.config.server.hostname,
-                    failures=[Failure(r, _status(rep), f"{rep.code} {rep.text}") for r, rep in perm],
+                    failures=[Failure(r, rep.enhanced(), f"{rep.code} {rep.text}") for r, rep in perm],
                     explanation="Your message could not be delivered to the recipients below.",
                 )
                 await asyncio.to_thread(
@@ -351,13 +344,6 @@ def _ok_text(reply: Reply) -> str:
     if not re.match(r"2\.\d{1,3}\.\d{1,3}\b", text):
         text = f"2.0.0 {text}".rstrip()
     return text
-
-
-def _status(reply: Reply) -> str:
-    m = re.match(r"([245])\.(\d{1,3})\.(\d{1,3})", reply.text)
-    if m:
-        return m.group(0)
-    return "5.0.0" if reply.is_permanent else "4.0.0"
 
 
 def _ms(t0: float) -> float:

@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from bccguard.ops.logs import redact
 from bccguard.policy.dsn import Failure, build_dsn
 from bccguard.policy.headers import parse_header
 from bccguard.policy.split import render
@@ -40,21 +40,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from bccguard.relay import Runtime
-
-_ADDRESS_RE = re.compile(r"[^\s<>()\[\],;:\"']+@[^\s<>()\[\],;:\"']+")
-
-
-def _redact(text: str) -> str:
-    """Upstream replies may quote an address; what the spool records and logs must not."""
-    return _ADDRESS_RE.sub("<address>", " ".join(text.split()))[:300]
-
-
-def _status(reply: Reply) -> str:
-    m = re.match(r"([245])\.(\d{1,3})\.(\d{1,3})", reply.text)
-    if m:
-        return m.group(0)
-    return "5.0.0" if reply.is_permanent else "4.0.0"
-
 
 class Retrier:
     def __init__(self, runtime_ref: Callable[[], Runtime], *, tick: float = 1.0) -> None:
@@ -210,7 +195,7 @@ class Retrier:
             out.append(_failed(c, perm, result.refused[perm[0]]))
         if temp:
             first = result.refused[temp[0]]
-            out += self._defer(entry, replace(c, rcpts=temp), f"{first.code} {_redact(first.text)}")
+            out += self._defer(entry, replace(c, rcpts=temp), f"{first.code} {redact(first.text, 300)}")
         if result.accepted:
             rt.log.debug(
                 "spool_copy_delivered", spool_id=entry.id, kind=entry.kind, rcpts=len(result.accepted)
@@ -259,4 +244,4 @@ class Retrier:
 
 def _failed(c: Copy, rcpts: tuple[str, ...], reply: Reply) -> Copy:
     """The copy for `rcpts`, marked as failed for good with the upstream's answer."""
-    return replace(c, rcpts=rcpts, failed=f"{_status(reply)} {reply.code} {_redact(reply.text)}"[:300])
+    return replace(c, rcpts=rcpts, failed=f"{reply.enhanced()} {reply.code} {redact(reply.text, 300)}"[:300])

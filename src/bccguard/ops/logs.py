@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
 from typing import Any
 
@@ -25,6 +26,16 @@ def address_hash(address: str) -> str:
     return hashlib.blake2b(
         address.lower().encode("utf-8", "surrogateescape"), digest_size=6, key=_SALT
     ).hexdigest()
+
+
+# Any token holding an "@": what an upstream reply, a spool record or one of our
+# own replies may quote of an address, replaced before it is written anywhere.
+ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"']*@[^\s<>()\[\],;:\"']*")
+
+
+def redact(text: str, limit: int = 400) -> str:
+    """`text` on one line, address-like tokens replaced by "<address>", at most `limit` chars."""
+    return ADDRESS_LIKE.sub("<address>", " ".join(text.split()))[:limit]
 
 
 def domain_of(address: str) -> str:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
-from bccguard.ops.logs import address_hash
+from bccguard.ops.logs import ADDRESS_LIKE, address_hash
 from bccguard.smtp.paths import path_problem, raw_path_with_controls, split_path
 
 if TYPE_CHECKING:
@@ -140,7 +140,6 @@ _ENHANCED = {
 }  # fmt: skip
 JUNK_LIMIT = 100  # Postfix's smtpd_junk_command_limit default
 _HAS_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
-_ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"']*@[^\s<>()\[\],;:\"']*")
 # Protocol errors that count towards `max_bad_commands` (Postfix's
 # smtpd_hard_error_limit, narrowed to misbehaviour): syntax, sequence and
 # unknown commands, commands before STARTTLS, refused relaying. Not counted:
@@ -157,7 +156,7 @@ def polish_reply(text: str) -> str:
     input; every reply leaves through here, so the rule holds for all of them.
     """
     if "@" in text:
-        text = _ADDRESS_LIKE.sub("<address>", text)
+        text = ADDRESS_LIKE.sub("<address>", text)
     code = text[:3]
     if code.isdigit() and code[0] in "45" and text[3:4] in (" ", "-", ""):
         rest = text[4:]

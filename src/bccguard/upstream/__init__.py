@@ -46,6 +46,13 @@ class Reply:
         m = _ENHANCED.match(self.text)
         return f"{self.code} {m.group(0)}" if m else str(self.code)
 
+    def enhanced(self) -> str:
+        """The enhanced status code ("5.1.1"), or the class default ("5.0.0"/"4.0.0") for DSNs."""
+        m = _ENHANCED.match(self.text)
+        if m:
+            return m.group(0)
+        return "5.0.0" if self.is_permanent else "4.0.0"
+
     def line(self) -> str:
         """First line as "550 5.1.1 unknown user", ready to relay to our own client."""
         first = self.text.split("\n", 1)[0]
