@@ -7,7 +7,7 @@ relay acts on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -103,7 +103,6 @@ class Verdict:
     would: Action | None = None
     reason: str = ""
     signed: bool = False
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     @property
     def changes_message(self) -> bool:

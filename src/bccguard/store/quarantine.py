@@ -62,7 +62,7 @@ class Quarantine:
             "auth_user": envelope.auth_user,
             "session_id": session_id,
             "size": len(message),
-            "verdict": {k: v for k, v in asdict(verdict).items() if k != "extra"},
+            "verdict": asdict(verdict),
         }
         write_entry(self.path, entry_id, message, meta)
         return entry_id
