@@ -19,7 +19,7 @@ import pytest
 
 from bccguard.smtp import server
 from bccguard.smtp.server import READ_CHUNK
-from conftest import StartRelay, message, send
+from conftest import StartRelay, message, send, talk
 from sink import Sink
 
 
@@ -170,6 +170,62 @@ async def test_ehlo_reply_is_one_write_and_counted_once(relay, sink: Sink) -> No
         assert b"250-PIPELINING" in lines
         assert chunk.endswith(b"250 HELP\r\n")  # the whole reply in the first read
         assert replies_2xx() == before + 1
+    finally:
+        writer.close()
+
+
+# Each RCPT form, and the reply it gets inside a MAIL transaction. The plain
+# form takes RelaySMTP's fast path; every other form goes to aiosmtpd's parser.
+# Both must agree on what a form means.
+RCPT_FORMS = [
+    (b"RCPT TO:<one@ext.example>", b"250 2.1.5 Ok"),
+    (b"rcpt to:<two@ext.example>", b"250 2.1.5 Ok"),
+    (b"RCPT TO: <three@ext.example>", b"250 2.1.5 Ok"),
+    (b"RCPT TO:four@ext.example", b"250 2.1.5 Ok"),
+    (
+        b"RCPT TO:<five@ext.example> NOTIFY=NEVER",
+        b"555 5.0.0 RCPT TO parameters not recognized or not implemented",
+    ),
+    (b"RCPT TO:<>", b"553 5.1.3 Malformed address"),
+    (b"RCPT TO:<six@ext.example> junk=", b"501 5.5.4 Syntax: RCPT TO: <address> [SP <mail-parameters>]"),
+    (b"RCPT <seven@ext.example>", b"501 5.5.4 Syntax: RCPT TO: <address> [SP <mail-parameters>]"),
+    (b"RCPT TO:<a b@ext.example>", b"553 5.1.3 Error: malformed address"),  # never repaired to "a b"@
+    (b"RCPT TO:<\"q u\"@ext.example>", b"250 2.1.5 Ok"),
+]
+
+
+async def test_rcpt_forms_get_the_same_replies_on_the_fast_path_and_off_it(relay, sink: Sink) -> None:  # type: ignore[no-untyped-def]
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    try:
+        await talk(reader, writer, b"")
+        # Before EHLO and before MAIL the fast path stands aside: aiosmtpd's own checks answer.
+        rcpt = b"RCPT TO:<x@ext.example>\r\n"
+        assert await talk(reader, writer, rcpt) == [b"503 5.5.1 Error: send HELO first"]
+        await talk(reader, writer, b"EHLO client.test\r\n")
+        assert await talk(reader, writer, rcpt) == [b"503 5.5.1 Error: need MAIL command"]
+        assert (await talk(reader, writer, b"MAIL FROM:<news@corp.example>\r\n"))[0].startswith(b"250")
+        for line, expected in RCPT_FORMS:
+            assert await talk(reader, writer, line + b"\r\n") == [expected], line
+        accepted = sum(1 for _, reply in RCPT_FORMS if reply.startswith(b"250"))
+        assert (await talk(reader, writer, b"DATA\r\n"))[0].startswith(b"354")
+        assert (await talk(reader, writer, message(["one@ext.example"]) + b".\r\n"))[0].startswith(b"250")
+    finally:
+        writer.close()
+    assert len(sink.messages[-1].rcpt_tos) == accepted
+
+
+async def test_repeated_ehlo_does_not_raise_the_mail_line_limit(relay, sink: Sink) -> None:  # type: ignore[no-untyped-def]
+    """aiosmtpd keeps line limits in a class-wide table and adds 36 to MAIL's at every EHLO
+    of any session; the limit must stay RFC 5321's 512 (+ SIZE and SMTPUTF8's 36)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    padded = b"MAIL FROM:<news@corp.example>" + b" " * 600 + b"\r\n"
+    try:
+        await talk(reader, writer, b"")
+        for _ in range(20):
+            await talk(reader, writer, b"EHLO client.test\r\n")
+        assert await talk(reader, writer, padded) == [b"500 5.5.2 Command line too long"]
+        longest = b"MAIL FROM:<news@corp.example>".ljust(548) + b"\r\n"
+        assert (await talk(reader, writer, longest))[0].startswith(b"250")
     finally:
         writer.close()
 

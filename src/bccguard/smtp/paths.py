@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import re
 
+# aiosmtpd's own path parser, used the same way; only the defects check is ours.
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError, InvalidHeaderDefect
+
 from email_validator import EmailNotValidError, validate_email
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -48,6 +52,26 @@ def raw_path_with_controls(arg: str) -> tuple[str, str] | None:
     if _CONTROL.search(path):
         return path, rest
     return None
+
+
+def parse_path(arg: str) -> tuple[str | None, str | None]:
+    """What `split_path` leaves over (quoted local parts, source routes, no brackets).
+
+    Like aiosmtpd's `_getaddr`, but a path the parser had to repair is
+    refused, (None, None) -> "553 5.1.3", instead of used: it turns
+    `<a b@x>` into `"a b"@x`, an address the client never sent. Obsolete
+    syntax (source routes, which RFC 5321 4.1.2 says to accept and ignore)
+    is not a repair.
+    """
+    if not arg:
+        return "", ""
+    try:
+        token, rest = (get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec)(arg)
+    except (HeaderParseError, IndexError, ValueError):
+        return None, None
+    if any(isinstance(d, InvalidHeaderDefect) for d in token.all_defects):
+        return None, None
+    return token.addr_spec, str(rest)
 
 
 def path_problem(address: str, *, smtputf8: bool) -> str | None:
