@@ -250,3 +250,57 @@ def test_content_check_matches_the_rule(monkeypatch: pytest.MonkeyPatch, slice_s
         content = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
         got = server.check_content(content)
         assert (got[:3] if got else None) == _reference(content), content
+
+
+async def test_protocol_setup_matches_aiosmtpd_init(relay) -> None:  # type: ignore[no-untyped-def]
+    """RelaySMTP sets itself up without SMTP.__init__'s per-connection introspection
+    (smtp/protocol_init.py); it must leave exactly the state SMTP.__init__ would."""
+    from aiosmtpd.smtp import SMTP
+
+    from bccguard.smtp.server import RelayHandler, RelaySMTP, SessionGate
+
+    loop = asyncio.get_running_loop()
+    handler = RelayHandler(lambda: relay.runtime)
+    server = relay.runtime.config.server
+    for credentials in (None, object()):  # without and with an auth_file: PLAIN/LOGIN excluded or not
+        relay.runtime.credentials = credentials
+        ours = RelaySMTP(
+            handler, runtime_ref=lambda: relay.runtime, gate=SessionGate(), sessions=set(), loop=loop
+        )
+        theirs = RelaySMTP.__new__(RelaySMTP)  # the same class, set up by aiosmtpd's own __init__
+        SMTP.__init__(
+            theirs,
+            handler,
+            data_size_limit=server.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=server.hostname,
+            ident="bccguard ESMTP",
+            timeout=server.command_timeout,
+            tls_context=None,
+            require_starttls=False,
+            auth_require_tls=True,
+            auth_exclude_mechanism=[] if credentials is not None else ["PLAIN", "LOGIN"],
+            loop=loop,
+        )
+        mine, base = vars(ours), vars(theirs)
+        assert set(base) <= set(mine), set(base) - set(mine)
+        bound = {"_smtp_methods", "_handle_hooks", "_auth_methods"}
+        fresh = {"_stream_reader_wr", "_source_traceback", "_strong_reader", "_closed", "_drain_waiter"}
+        for key in set(base) - bound - fresh:
+            if key in ("loop", "_loop", "event_handler"):
+                assert mine[key] is base[key], key
+            elif callable(base[key]):  # bound methods: the same function
+                assert getattr(mine[key], "__func__", None) is getattr(base[key], "__func__", None), key
+            else:
+                assert mine[key] == base[key], key
+        assert {k: m.__func__ for k, m in mine["_smtp_methods"].items()} == {
+            k: m.__func__ for k, m in base["_smtp_methods"].items()
+        }
+        assert mine["_handle_hooks"] == base["_handle_hooks"]
+        assert {k: v.is_builtin for k, v in mine["_auth_methods"].items()} == {
+            k: v.is_builtin for k, v in base["_auth_methods"].items()
+        }
+        assert {k: v.method.__func__ for k, v in mine["_auth_methods"].items()} == {
+            k: v.method.__func__ for k, v in base["_auth_methods"].items()
+        }
