@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bccguard.config import from_dict
+from bccguard.config import PolicySettings, from_dict
+from bccguard.policy.classify import classify, classify_rcpt, external_test, rcpt_external_test
+from bccguard.policy.decide import _extra_specs, decide_with
 from bccguard.policy.engine import evaluate
-from bccguard.policy.model import Action, Envelope
+from bccguard.policy.model import Action, Address, AddressClass, Envelope
 
 POLICY = from_dict(
     {
@@ -118,3 +122,62 @@ def test_audit_forwards_but_says_what_it_would_do() -> None:
     assert outcome.verdict.action is Action.AUDIT and outcome.verdict.would is Action.REWRITE
     assert outcome.verdict.hidden == 11
     assert outcome.message == head.encode()
+
+
+# --- the memoised classification against plain classify() ------------------------
+
+_DOMAINS = [
+    "corp.example", "sub.corp.example", "evilcorp.example", "agency.example", "gmail.com",
+    "orange.fr", "firm.example", "", "[192.0.2.1]",
+]  # fmt: skip
+_ADDRESSES = st.builds(
+    Address,
+    st.sampled_from(["a", "b", "A", "a b@c", "x@y z@w"]),
+    st.sampled_from(_DOMAINS),
+    st.sampled_from(["", "a@b", "a@b c@d e@f"]),
+    st.none(),
+    st.booleans(),
+)
+_RCPTS = st.sampled_from(
+    [
+        "a@corp.example", "b@CORP.example.", "c@sub.corp.example", "d@agency.example", "e@gmail.com",
+        "f@firm.example", "noat", "g@", '"x@corp.example"@firm.example', "h@bücher.example", "@gmail.com",
+    ]
+)  # fmt: skip
+_SETTINGS = PolicySettings(
+    internal_domains=frozenset({"corp.example"}),
+    partner_domains=frozenset({"agency.example"}),
+    consumer_domains=frozenset({"gmail.com", "orange.fr"}),
+    max_visible_external=1,
+    max_visible_consumer=0,
+)
+
+
+@settings(max_examples=500)
+@given(st.lists(_ADDRESSES, max_size=12), st.lists(_RCPTS, max_size=8))
+def test_memoised_classification_agrees_with_classify(addresses: list[Address], rcpts: list[str]) -> None:
+    is_external, rcpt_is_external = external_test(_SETTINGS), rcpt_external_test(_SETTINGS)
+    assert [is_external(a) for a in addresses] == [classify(a, _SETTINGS).is_external for a in addresses]
+    assert [rcpt_is_external(r) for r in rcpts] == [classify_rcpt(r, _SETTINGS).is_external for r in rcpts]
+
+
+@settings(max_examples=500)
+@given(st.lists(_ADDRESSES, max_size=12), st.lists(_RCPTS, max_size=8))
+def test_decide_counts_as_classify_says(visible: list[Address], rcpts: list[str]) -> None:
+    """decide_with classifies by hand (a memo per domain); these are the counts classify() gives."""
+    external: set[str] = set()
+    consumer: set[str] = set()
+    junk: set[str] = set()
+    for a in visible:
+        cls = classify(a, _SETTINGS)
+        if cls.is_external:
+            external.add(a.addr_spec)
+            junk.update(_extra_specs(a))
+            if cls is AddressClass.CONSUMER:
+                consumer.add(a.addr_spec)
+    external_rcpts = sum(1 for r in rcpts if classify_rcpt(r, _SETTINGS).is_external)
+    exposure = external_rcpts > 0 and (len(external) + len(junk) > 1 or len(consumer) > 0)
+    v = decide_with("r", _SETTINGS, Envelope("s@corp.example", tuple(rcpts)), visible)
+    assert v.visible == len({a.addr_spec for a in visible})
+    assert v.visible_external == tuple(sorted(external))
+    assert (v.visible_consumer, v.external_rcpts, v.exposure) == (len(consumer), external_rcpts, exposure)

@@ -27,11 +27,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bccguard.config import from_dict
-from bccguard.policy.addresses import RECIPIENT_FIELDS, parse_address_list, visible_recipients
-from bccguard.policy.classify import classify
+from bccguard.policy.addresses import (
+    RECIPIENT_FIELDS,
+    addresses_of,
+    parse_address_list,
+    parse_fields,
+    visible_recipients,
+)
+from bccguard.policy.classify import classify, external_test
 from bccguard.policy.engine import evaluate
 from bccguard.policy.headers import parse_header
 from bccguard.policy.model import Action, Envelope
+from bccguard.policy.rewrite import rewrite_headers
 
 EXAMPLES = int(os.environ.get("BCCGUARD_FUZZ_EXAMPLES", "2000"))
 FUZZ = settings(
@@ -176,6 +183,22 @@ def test_rewrite_hides_every_exposed_address_and_touches_nothing_else(msg: bytes
     assert kept_before == kept_after
     assert out[after.body_offset :] == msg[before.body_offset :]
     assert len(after.get_all("x-bccguard")) == 1
+
+
+@FUZZ
+@given(messages())
+def test_one_parse_per_message_gives_what_parsing_again_gives(msg: bytes) -> None:
+    """evaluate parses To/Cc once and hands the parse to the rewrite: same bytes as parsing again."""
+    block = parse_header(msg)
+    parsed = parse_fields(block)
+    assert addresses_of(parsed) == visible_recipients(block)
+    assert evaluate(msg, ENVELOPE, POLICY).visible == tuple(visible_recipients(block))
+    fallback, stamp = "<news@corp.example>", "rewritten; hidden=1"
+    again = rewrite_headers(msg, block, external_test(SETTINGS), to_fallback=fallback, stamp=stamp)
+    once = rewrite_headers(
+        msg, block, external_test(SETTINGS), to_fallback=fallback, stamp=stamp, parsed=parsed
+    )
+    assert once == again
 
 
 # ------------------------------------------------------------ through the relay

@@ -80,3 +80,66 @@ def test_lines_round_trip(lines: list[bytes]) -> None:
             raw = message[f.start : f.end]
             raw = raw.removesuffix(b"\n").removesuffix(b"\r")
             assert raw.split(b":", 1)[1] == f.value.encode("utf-8", "surrogateescape")
+
+
+def _line_by_line(message: bytes) -> tuple[list[tuple[str, int, int, str]], int, int]:
+    """The parser as it was before it skipped folded lines in one search: the reference.
+
+    `(fields as (name, start, end, value), header_end, body_offset)`.
+    """
+    n = len(message)
+    fields: list[tuple[str, int, int, str]] = []
+    cur: tuple[str, int, int] | None = None
+    cur_end = 0
+    pos = 0
+    header_end = body_offset = n
+
+    def close() -> None:
+        if cur is not None:
+            name, start, vstart = cur
+            raw = message[vstart:cur_end]
+            if raw.endswith(b"\n"):
+                raw = raw[:-1].removesuffix(b"\r")
+            fields.append((name, start, cur_end, raw.decode("utf-8", "surrogateescape")))
+
+    while pos < n:
+        nl = message.find(b"\n", pos)
+        line_end = n if nl == -1 else nl + 1
+        content_end = nl if nl != -1 else n
+        if content_end > pos and message[content_end - 1] == 0x0D and nl != -1:
+            content_end -= 1
+        if content_end == pos and nl != -1:
+            header_end, body_offset = pos, line_end
+            break
+        if message[pos] in (0x20, 0x09):
+            if cur is not None:
+                cur_end = line_end
+        else:
+            close()
+            cur = None
+            line = message[pos:content_end]
+            colon = line.find(b":")
+            name = line[:colon].rstrip(b" \t") if colon > 0 else b""
+            if name and all(33 <= b < 127 and b != 58 for b in name):
+                cur = (name.decode("ascii"), pos, pos + colon + 1)
+                cur_end = line_end
+        pos = line_end
+    close()
+    return fields, header_end, body_offset
+
+
+_HEADER_BYTES = st.lists(
+    st.sampled_from(
+        [b"To: a", b"X :y", b"junk", b"From x", b" ", b"\t", b"\r", b"\n", b"\r\n", b":", b"\xff"]
+    ),
+    max_size=20,
+).map(b"".join)
+
+
+@settings(max_examples=1000)
+@given(_HEADER_BYTES | st.binary(max_size=200))
+def test_skipping_folded_lines_agrees_with_reading_line_by_line(message: bytes) -> None:
+    block = parse_header(message)
+    fields, header_end, body_offset = _line_by_line(message)
+    assert [(f.name, f.start, f.end, f.value) for f in block.fields] == fields
+    assert (block.header_end, block.body_offset) == (header_end, body_offset)

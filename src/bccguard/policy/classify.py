@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 from bccguard.config import PolicySettings
@@ -13,8 +14,9 @@ from bccguard.policy.model import Address, AddressClass
 def classify_domain(domain: str, settings: PolicySettings) -> AddressClass:
     """Internal beats partner beats consumer: a company may list its own webmail domain.
 
-    Cached: a survey repeats a few domains hundreds of times, and each message
-    classifies every address twice (decide, rewrite) plus every envelope recipient.
+    Cached: a survey repeats a few domains hundreds of times, across messages
+    too. Within one message the callers go through `external_test` and friends,
+    which ask here once per distinct domain (this cache key hashes `settings`).
     """
     if in_domains(domain, settings.internal_domains):
         return AddressClass.INTERNAL
@@ -43,3 +45,46 @@ def classify_rcpt(rcpt: str, settings: PolicySettings) -> AddressClass:
     if not domain:
         return AddressClass.EXTERNAL
     return classify_domain(domain, settings)
+
+
+def external_test(settings: PolicySettings) -> Callable[[Address], bool]:
+    """`classify(a, settings).is_external` with a memo by domain, for the addresses of one message.
+
+    Why: `classify_domain`'s cache key hashes the whole PolicySettings on every
+    call, which cost more than the lookup itself (a 100-address To called it
+    200 times). A message repeats few domains, so a dict keyed by the domain
+    alone, living only as long as the returned function, does that hashing
+    once per distinct domain. Pure: same answers as `classify`.
+    """
+    memo: dict[str, bool] = {}
+
+    def is_external(address: Address) -> bool:
+        if not address.valid:
+            return True
+        domain = address.domain
+        ext = memo.get(domain)
+        if ext is None:
+            ext = memo[domain] = classify_domain(domain, settings).is_external
+        return ext
+
+    return is_external
+
+
+def rcpt_external_test(settings: PolicySettings) -> Callable[[str], bool]:
+    """`classify_rcpt(r, settings).is_external`, memoised by the text after the last '@'.
+
+    Why: as for `external_test`; the (b) bench has 100 envelope recipients.
+    """
+    memo: dict[str, bool] = {}
+
+    def is_external(rcpt: str) -> bool:
+        _, at, raw = rcpt.rpartition("@")
+        if not at:
+            return True
+        ext = memo.get(raw)
+        if ext is None:
+            domain = normalize_domain(raw)
+            ext = memo[raw] = not domain or classify_domain(domain, settings).is_external
+        return ext
+
+    return is_external

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
 from bccguard.config import PolicyConfig, PolicySettings
-from bccguard.policy.classify import classify, classify_rcpt
+from bccguard.policy.classify import classify_domain, rcpt_external_test
 from bccguard.policy.model import Action, Address, AddressClass, Envelope, Verdict
 
 DEFAULT_RULE = "default"
@@ -69,16 +69,25 @@ def decide_with(
     consumer: set[str] = set()
     distinct: set[str] = set()
     hidden_in_junk: set[str] = set()  # extra addresses that malformed text may hold
+    # `classify` per address, by hand: one classify_domain per distinct domain
+    # (its cache key hashes all of `settings`), identity tests on the class.
+    classes: dict[str, AddressClass] = {}
+    ext_cls, consumer_cls = AddressClass.EXTERNAL, AddressClass.CONSUMER
     for a in visible:
         spec = a.addr_spec
         distinct.add(spec)
-        cls = classify(a, settings)
-        if cls.is_external:
+        if not a.valid:  # classify: malformed text counts as external, never consumer
             external.add(spec)
             hidden_in_junk.update(_extra_specs(a))
-            if cls is AddressClass.CONSUMER:
+            continue
+        cls = classes.get(a.domain)
+        if cls is None:
+            cls = classes[a.domain] = classify_domain(a.domain, settings)
+        if cls is ext_cls or cls is consumer_cls:
+            external.add(spec)
+            if cls is consumer_cls:
                 consumer.add(spec)
-    external_rcpts = sum(1 for r in envelope.rcpt_tos if classify_rcpt(r, settings).is_external)
+    external_rcpts = sum(map(rcpt_external_test(settings), envelope.rcpt_tos))
     n_external = len(external) + len(hidden_in_junk)
     too_many = n_external > settings.max_visible_external or len(consumer) > settings.max_visible_consumer
     exposure = external_rcpts > 0 and too_many

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bccguard.config import PolicyConfig, PolicySettings
-from bccguard.policy.addresses import first_from, visible_recipients
-from bccguard.policy.classify import classify, classify_rcpt, envelope_domain
+from bccguard.policy.addresses import Item, addresses_of, first_from, parse_fields
+from bccguard.policy.classify import envelope_domain, external_test, rcpt_external_test
 from bccguard.policy.decide import decide_with, select_rule
 from bccguard.policy.dkim import breaks_signature, signed_fields
 from bccguard.policy.headers import HeaderBlock, parse_header
@@ -51,14 +51,15 @@ def reply_to_for(block: HeaderBlock, settings: PolicySettings) -> str | None:
 
 def evaluate(message: bytes, envelope: Envelope, policy: PolicyConfig) -> Outcome:
     block = parse_header(message)
-    visible = tuple(visible_recipients(block))
+    parsed = parse_fields(block)  # once: decide and the rewrite read the same parse
+    visible = tuple(addresses_of(parsed))
     rule, settings = select_rule(policy, envelope)  # once: every step below uses the same rule
     verdict = decide_with(rule, settings, envelope, visible)
     out = message
     split = None
     changes = verdict.action in (Action.REWRITE, Action.SPLIT)
     if changes or (verdict.action is Action.AUDIT and verdict.would is Action.REWRITE):
-        rewritten, hidden = rewrite_for(message, block, envelope, settings, verdict)
+        rewritten, hidden = rewrite_for(message, block, envelope, settings, verdict, parsed=parsed)
         if changes:
             out = rewritten
             verdict = replace(verdict, hidden=hidden)
@@ -83,7 +84,7 @@ def split_for(
         visible,
         envelope.rcpt_tos,
         hide=verdict.visible_external,
-        is_external=lambda r: classify_rcpt(r, settings).is_external,
+        is_external=rcpt_external_test(settings),
         domain_of=envelope_domain,
         to_fallback=to_fallback(block, envelope, settings),
         stamp=f"split; hidden={verdict.hidden}",
@@ -118,15 +119,25 @@ def _on_signed(
 
 
 def rewrite_for(
-    message: bytes, block: HeaderBlock, envelope: Envelope, settings: PolicySettings, verdict: Verdict
+    message: bytes,
+    block: HeaderBlock,
+    envelope: Envelope,
+    settings: PolicySettings,
+    verdict: Verdict,
+    *,
+    parsed: dict[int, list[Item]] | None = None,
 ) -> tuple[bytes, int]:
-    """The Bcc-style copy: external addresses out of To/Cc, envelope untouched."""
+    """The Bcc-style copy: external addresses out of To/Cc, envelope untouched.
+
+    `parsed` is `parse_fields(block)` when the caller has it (not parsed again).
+    """
     n = verdict.hidden or len(verdict.visible_external)
     return rewrite_headers(
         message,
         block,
-        lambda a: classify(a, settings).is_external,
+        external_test(settings),
         to_fallback=to_fallback(block, envelope, settings),
         stamp=f"{'split' if verdict.action is Action.SPLIT else 'rewritten'}; hidden={n}",
         reply_to=reply_to_for(block, settings),
+        parsed=parsed,
     )

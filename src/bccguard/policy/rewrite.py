@@ -16,11 +16,12 @@ possible in files that already broke the limit): it is cut hard.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from bccguard.policy.addresses import (
     RECIPIENT_FIELDS,
     Group,
+    Item,
     Mailbox,
     parse_address_list,
 )
@@ -106,13 +107,21 @@ def _group_pieces(value: str, group: Group, members: list[Mailbox]) -> list[str]
 
 
 def _filter_field(
-    field: Field, hide: Callable[[Address], bool], removed: set[str], eol: str
+    field: Field,
+    items: Sequence[Item],
+    hide: Callable[[Address], bool],
+    removed: set[str],
+    eol: str,
 ) -> object:
-    """`_KEEP`, None (drop) or the rebuilt field bytes without the hidden mailboxes."""
+    """`_KEEP`, None (drop) or the rebuilt field bytes without the hidden mailboxes.
+
+    `items` is `parse_address_list(field.value)`, passed in so a caller that
+    has parsed the field already does not pay for it twice.
+    """
     value = field.value
     hidden = False
     kept: list[list[str]] = []
-    for item in parse_address_list(value):
+    for item in items:
         if isinstance(item, Group):
             members = []
             for mb in item.members:
@@ -180,6 +189,7 @@ def rewrite_headers(
     to_fallback: str,
     stamp: str,
     reply_to: str | None = None,
+    parsed: Mapping[int, Sequence[Item]] | None = None,
 ) -> tuple[bytes, int]:
     """Remove hidden mailboxes from To/Cc/Resent-To/Resent-Cc; drop Bcc/Resent-Bcc.
 
@@ -190,6 +200,8 @@ def rewrite_headers(
     (or goes at the end of the header). `X-BCCGuard: {stamp}` is appended,
     and `Reply-To: {reply_to}` when given and the message has no Reply-To
     (so "reply all" from a customer reaches the sender, not the Cc list).
+    `parsed` may hold fields already parsed (index in `block.fields` ->
+    `parse_address_list` of its value, as `addresses.parse_fields` gives).
     """
     eol = block.eol.decode("ascii")
     plan: Plan = {}
@@ -198,7 +210,10 @@ def rewrite_headers(
         if f.lname in _BCC_FIELDS:
             plan[i] = None
         elif f.lname in RECIPIENT_FIELDS:
-            new = _filter_field(f, hide, removed, eol)
+            items = parsed.get(i) if parsed is not None else None
+            if items is None:
+                items = parse_address_list(f.value)
+            new = _filter_field(f, items, hide, removed, eol)
             if new is not _KEEP:
                 plan[i] = new if isinstance(new, bytes) else None
     tail = b""
@@ -248,7 +263,7 @@ def personalize(
             plan[i] = None if placed else to_field
             placed = True
         elif f.lname in RECIPIENT_FIELDS:
-            new = _filter_field(f, lambda a: not keep(a), removed, eol)
+            new = _filter_field(f, parse_address_list(f.value), lambda a: not keep(a), removed, eol)
             if new is not _KEEP:
                 plan[i] = new if isinstance(new, bytes) else None
     tail = b"" if placed else to_field
