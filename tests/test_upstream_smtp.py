@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -658,6 +659,26 @@ async def test_starttls_required_but_not_offered(
     assert "MAIL" not in sink.verbs
 
 
+async def test_plaintext_after_the_starttls_reply_is_refused(make_upstream: MakeUpstream) -> None:
+    """Bytes sent with the 220 to STARTTLS could come from a man in the middle (CVE-2011-0411)."""
+    seen: list[bytes] = []
+
+    async def injector(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw\r\n")
+        await reader.readline()
+        writer.write(b"250-raw\r\n250 STARTTLS\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"220 go ahead\r\n250-injected\r\n250 PIPELINING\r\n")
+        seen.append(await reader.read())
+
+    async with RawServer(injector) as srv:
+        url = f"smtp+starttls://127.0.0.1:{srv.port}"
+        with pytest.raises(UpstreamError) as err:
+            await make_upstream(url, verify_tls=False).deliver(SENDER, ["r@x.test"], MESSAGE)
+    assert err.value.kind == "protocol"
+    assert seen == [b"STARTTLS\r\n", b""]  # no handshake, nothing else sent
+
+
 async def test_plain_smtp_does_not_do_opportunistic_starttls(
     cert: tuple[Path, Path], make_upstream: MakeUpstream
 ) -> None:
@@ -679,3 +700,209 @@ async def test_smtps_implicit_tls(cert: tuple[Path, Path], make_upstream: MakeUp
             await make_upstream(tls_sink.url).deliver(SENDER, ["r@x.test"], MESSAGE)
         assert err.value.kind == "tls"
         assert len(tls_sink.messages) == 1
+
+
+# ---------------------------------------------------------------- pipelined replies, read in bulk
+
+
+def _whole(data: bytes) -> list[bytes]:
+    return [data]
+
+
+def _bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def _awkward(data: bytes) -> list[bytes]:
+    """Cut inside every reply code and between every CR and its LF."""
+    cuts = {i + 3 for i in range(len(data)) if i == 0 or data[i - 1 : i] == b"\n"}
+    cuts |= {i + 1 for i in range(len(data)) if data[i : i + 1] == b"\r"}
+    edges = [0, *sorted(c for c in cuts if c < len(data)), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+class GroupPeer:
+    """A pipelining server that answers each MAIL..DATA group with scripted bytes.
+
+    `groups`: the replies to MAIL, each RCPT and DATA, one entry per
+    transaction across connections, written in the pieces `cut` makes (each
+    piece its own TCP segment, the loop turning in between), so that the
+    client's reads end in awkward places. After a 354 it collects content up
+    to the lone dot, or up to the client hanging up, into `contents`; after a
+    421 it hangs up.
+    """
+
+    def __init__(
+        self,
+        groups: list[bytes],
+        cut: Callable[[bytes], list[bytes]] = _whole,
+        final: bytes = b"250 2.0.0 queued as X\r\n",
+    ) -> None:
+        self.groups = list(groups)
+        self.cut = cut
+        self.final = final
+        self.contents: list[bytes] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw\r\n")
+        assert (await reader.readline()).startswith(b"EHLO")
+        writer.write(b"250-raw\r\n250 PIPELINING\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"RSET"):
+                writer.write(b"250 2.0.0 reset\r\n")
+                continue
+            if line.startswith(b"QUIT"):
+                writer.write(b"221 2.0.0 bye\r\n")
+                return
+            assert line.startswith(b"MAIL")
+            while not (await reader.readline()).startswith(b"DATA"):
+                pass
+            group = self.groups.pop(0)
+            for piece in self.cut(group):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0)
+            if b"421 " in group:
+                return
+            if b"354 " in group:
+                content = b""
+                while (line := await reader.readline()) and line != b".\r\n":
+                    content += line
+                self.contents.append(content)
+                if line:
+                    writer.write(self.final)
+
+
+GROUP_OK_1 = b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n"  # MAIL, one RCPT, DATA
+
+
+@pytest.mark.parametrize("cut", [_whole, _bytewise, _awkward])
+async def test_group_replies_of_every_shape_in_any_segments(
+    make_upstream: MakeUpstream, cut: Callable[[bytes], list[bytes]]
+) -> None:
+    rcpts = [f"r{i}@x.test" for i in range(10)]
+    rcpt_replies = [
+        b"250 2.1.5 ok\r\n",
+        b"550-5.1.1 no such\r\n550 5.1.1 user here\r\n",  # multi-line refusal
+        b"251 2.1.5 will forward\r\n",
+        b"250-2.1.5 ok\r\n250 2.1.5 really\r\n",  # multi-line success
+        b"452 4.2.2 full\r\n",
+        b"250 ok\r\n",
+        b"250\r\n",  # no text at all
+        b"250 " + b"x" * 2042 + b"\r\n",  # 2048 octets: the longest line allowed
+        b"252 2.1.5 cannot verify\r\n",
+        b"250 2.1.5 ok\n",  # bare LF
+    ]
+    group = b"250 2.1.0 ok\r\n" + b"".join(rcpt_replies) + b"354 go ahead\r\n"
+    peer = GroupPeer([group], cut)
+    async with RawServer(peer) as srv:
+        up = make_upstream(f"smtp://127.0.0.1:{srv.port}")
+        result = await up.deliver(SENDER, rcpts, MESSAGE)
+    assert result.accepted == tuple(r for i, r in enumerate(rcpts) if i not in (1, 4))
+    assert result.refused == {
+        "r1@x.test": Reply(550, "5.1.1 no such\n5.1.1 user here"),
+        "r4@x.test": Reply(452, "4.2.2 full"),
+    }
+    assert result.reply == Reply(250, "2.0.0 queued as X")
+    assert peer.contents == [MESSAGE]
+
+
+@pytest.mark.parametrize("cut", [_whole, _bytewise])
+async def test_hundred_recipient_group_with_odd_ones_in_the_runs(
+    make_upstream: MakeUpstream, cut: Callable[[bytes], list[bytes]]
+) -> None:
+    """Long runs of 250 with a 251, a refusal and the 354 at their ends, as a real MTA sends them."""
+    rcpts = [f"r{i}@x.test" for i in range(100)]
+    odd = {37: b"251 2.1.5 forwarded\r\n", 60: b"550 5.1.1 <r60@x.test> unknown\r\n", 99: b"251 ok\r\n"}
+    group = b"250 2.1.0 ok\r\n"
+    group += b"".join(odd.get(i, b"250 2.1.5 ok\r\n") for i in range(100))
+    group += b"354 go ahead\r\n"
+    peer = GroupPeer([group, group], cut)
+    async with RawServer(peer) as srv:
+        up = make_upstream(f"smtp://127.0.0.1:{srv.port}")
+        for _ in range(2):
+            result = await up.deliver(SENDER, rcpts, MESSAGE)
+            assert result.accepted == tuple(r for i, r in enumerate(rcpts) if i != 60)
+            assert result.refused == {"r60@x.test": Reply(550, "5.1.1 <r60@x.test> unknown")}
+        assert srv.connections == 1
+    assert peer.contents == [MESSAGE, MESSAGE]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"2500 ok\r\n",
+        b"250ok\r\n",
+        b"25O ok\r\n",
+        b"350 ok\r\n",  # 3xx to RCPT
+        b"650 5.0.0 no\r\n",
+        b"\x00\xff garbage\r\n",
+        b"250-2.1.5 first\r\n251 2.1.5 second\r\n",  # lines disagree on the code
+        b"250 " + b"x" * 2043 + b"\r\n",  # 2049 octets
+        b"250 " + b"x" * 70_000,  # no end of line at all
+    ],
+    ids=["long-code", "no-space", "letter", "3xx", "650", "binary", "code-mismatch", "long", "endless"],
+)
+@pytest.mark.parametrize("cut", [_whole, _awkward])
+async def test_bad_reply_inside_the_group_is_protocol_error_and_not_pooled(
+    make_upstream: MakeUpstream, bad: bytes, cut: Callable[[bytes], list[bytes]]
+) -> None:
+    rcpts = ["a@x.test", "b@x.test", "c@x.test"]
+    group = b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n" + bad + b"250 2.1.5 ok\r\n354 go ahead\r\n"
+    peer = GroupPeer([group, GROUP_OK_1], cut)
+    async with RawServer(peer) as srv:
+        up = make_upstream(f"smtp://127.0.0.1:{srv.port}")
+        with pytest.raises(UpstreamError) as err:
+            await up.deliver(SENDER, rcpts, b"SECRET-BODY\r\n")
+        assert err.value.kind == "protocol"
+        result = await up.deliver(SENDER, ["d@x.test"], MESSAGE)
+        assert result.accepted == ("d@x.test",)
+        assert srv.connections == 2
+    assert all(b"SECRET-BODY" not in c for c in peer.contents)
+
+
+async def test_reply_after_the_354_means_out_of_sync_and_no_content(
+    make_upstream: MakeUpstream,
+) -> None:
+    """A reply nobody asked for could pass for the answer to our "."; nothing is sent.
+
+    (Only when it comes with the 354, as here: one arriving after the content
+    went out cannot be told from the real answer.)
+    """
+    group = GROUP_OK_1 + b"250 2.0.0 queued (not really)\r\n"
+    peer = GroupPeer([group, GROUP_OK_1])
+    async with RawServer(peer) as srv:
+        up = make_upstream(f"smtp://127.0.0.1:{srv.port}")
+        with pytest.raises(UpstreamError) as err:
+            await up.deliver(SENDER, ["a@x.test"], b"SECRET-BODY\r\n")
+        assert err.value.kind == "protocol"
+        await up.deliver(SENDER, ["a@x.test"], MESSAGE)
+        assert srv.connections == 2
+    assert peer.contents == [b"", MESSAGE]
+
+
+async def test_421_inside_the_group_ends_it_and_the_connection(make_upstream: MakeUpstream) -> None:
+    group = b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n421 4.3.2 shutting down\r\n"
+    peer = GroupPeer([group, GROUP_OK_1], _bytewise)
+    async with RawServer(peer) as srv:
+        up = make_upstream(f"smtp://127.0.0.1:{srv.port}")
+        with pytest.raises(UpstreamError) as err:
+            await up.deliver(SENDER, ["a@x.test", "b@x.test", "c@x.test"], MESSAGE)
+        assert err.value.kind == "4xx"
+        assert err.value.reply == Reply(421, "4.3.2 shutting down")
+        await up.deliver(SENDER, ["a@x.test"], MESSAGE)
+        assert srv.connections == 2
+    assert peer.contents == [MESSAGE]
+
+
+async def test_pooled_connection_answering_421_to_mail_is_retried(
+    make_upstream: MakeUpstream,
+) -> None:
+    peer = GroupPeer([GROUP_OK_1, b"421 4.3.2 restarting\r\n", GROUP_OK_1])
+    async with RawServer(peer) as srv:
+        up = make_upstream(f"smtp://127.0.0.1:{srv.port}")
+        await up.deliver(SENDER, ["a@x.test"], MESSAGE)
+        result = await up.deliver(SENDER, ["b@x.test"], MESSAGE)
+        assert result.accepted == ("b@x.test",)
+        assert srv.connections == 2
+    assert peer.contents == [MESSAGE, MESSAGE]
