@@ -211,6 +211,11 @@ def start_sink(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+def _toml_workers(value: str) -> str:
+    """--workers as a TOML value: a count stays a number, anything else is quoted ("auto")."""
+    return value if value.isdigit() else f'"{value}"'
+
+
 def bccguard_config(
     args: argparse.Namespace, workdir: Path, port: int, sink: int, mport: int, *, name: str = "bccguard"
 ) -> Path:
@@ -226,7 +231,7 @@ hostname = "bccguard.bench"
 max_recipients = 1000
 max_sessions = 1000
 max_sessions_per_ip = 1000
-{f"workers = {args.workers}" if args.workers != 1 and name == "bccguard" else ""}
+{f"workers = {_toml_workers(args.workers)}" if args.workers and name == "bccguard" else ""}
 {f'event_loop = "{args.event_loop}"' if args.event_loop and name == "bccguard" else ""}
 
 [upstream]
@@ -513,7 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", type=Path, default=None,
         help="also bccguard from this src/ dir, default settings (e.g. src itself, to compare --workers 2)",
     )
-    p.add_argument("--workers", type=int, default=1, help="[server] workers")
+    p.add_argument(
+        "--workers", default="",
+        help='[server] workers: a count or "auto" (default: the relay\'s own default, "auto": one per CPU)',
+    )
     p.add_argument("--event-loop", default="", help='[server] event_loop ("auto", "asyncio", "uvloop")')
     p.add_argument("--pool-size", type=int, default=None, help="[upstream] pool_size")
     p.add_argument("--action", default="rewrite", help="[policy] action (rewrite: full inspection + rewrite)")

@@ -207,6 +207,7 @@ def relay_config(tmp_path: Path, name: str, port: int, upstream: str) -> Path:
                     "proxy_protocol": True,
                     "allowed_networks": [f"{CLIENT_IP}/32"],
                     "shutdown_timeout": 10.0,
+                    "workers": 1,  # one process per relay: its one "stopped" line tells the drain
                 },
                 "upstream": {"url": upstream, "timeout": 10.0},
                 "quarantine": {"path": str(tmp_path / name / "quarantine")},

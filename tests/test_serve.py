@@ -123,13 +123,15 @@ async def test_sigterm_lets_the_message_in_flight_finish(tmp_path: Path) -> None
     assert b"@" not in logs
 
 
-async def test_a_second_sigterm_cuts_the_drain_short_and_still_exits_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "supervisor"])
+async def test_a_second_sigterm_cuts_the_drain_short_and_still_exits_0(tmp_path: Path, workers: int) -> None:
     sink = Sink(data_delay=20.0)  # an upstream far slower than anyone wants to wait for
     await sink.start()
     try:
         cfg = tmp_path / "c.toml"
         cfg.write_text(
-            '[server]\nlisten = "127.0.0.1:0"\nshutdown_timeout = 60.0\n[metrics]\nlisten = ""\n'
+            f'[server]\nlisten = "127.0.0.1:0"\nshutdown_timeout = 60.0\nworkers = {workers}\n'
+            '[metrics]\nlisten = ""\n'
             f'[upstream]\nurl = "smtp://127.0.0.1:{sink.port}"\n'
         )
         proc = await asyncio.to_thread(Proc, tmp_path, cfg)

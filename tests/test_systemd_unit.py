@@ -31,6 +31,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from conftest import message
 from deploy_helpers import SRC, RelayProcess, free_port, poll, require_binary, to_toml
 from sink import Sink
@@ -143,9 +145,17 @@ def test_unit_reload_check_command_accepts_the_shipped_config(tmp_path: Path) ->
 # ---------------------------------------------------------------- the real process
 
 
-def relay_config(tmp_path: Path, port: int, upstream: str, policy: dict[str, object]) -> dict[str, object]:
+def relay_config(
+    tmp_path: Path, port: int, upstream: str, policy: dict[str, object], workers: int = 1
+) -> dict[str, object]:
+    """`workers` pinned: "auto" would make the process shape depend on the CI machine's cores."""
     return {
-        "server": {"listen": f"127.0.0.1:{port}", "hostname": "bccguard.test", "shutdown_timeout": 5.0},
+        "server": {
+            "listen": f"127.0.0.1:{port}",
+            "hostname": "bccguard.test",
+            "shutdown_timeout": 5.0,
+            "workers": workers,
+        },
         "upstream": {"url": upstream, "timeout": 5.0},
         "quarantine": {"path": str(tmp_path / "quarantine")},
         "spool": {"path": str(tmp_path / "spool")},
@@ -155,25 +165,32 @@ def relay_config(tmp_path: Path, port: int, upstream: str, policy: dict[str, obj
     }
 
 
-async def test_type_notify_ready_then_stopping(tmp_path: Path, sink: Sink) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "supervisor"])
+async def test_type_notify_ready_then_stopping(tmp_path: Path, sink: Sink, workers: int) -> None:
+    """Single relay or supervisor: READY=1 once serving, STOPPING=1 as the drain starts, nothing else."""
     notify_path = tmp_path / "notify.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify_path))
     listener.settimeout(20)
     cfg = tmp_path / "bccguard.toml"
     cfg.write_text(
-        to_toml(relay_config(tmp_path, free_port(), sink.url, {"internal_domains": ["corp.example"]}))
+        to_toml(
+            relay_config(tmp_path, free_port(), sink.url, {"internal_domains": ["corp.example"]}, workers)
+        )
     )
     relay = RelayProcess(cfg, tmp_path / "relay.log", env={"NOTIFY_SOCKET": str(notify_path)})
     try:
         relay.start()
         ready = await asyncio.to_thread(listener.recv, 4096)
         assert ready == b"READY=1"
-        assert relay.events("started"), "READY=1 must come after the listener is up"
+        assert len(relay.events("started")) == workers, "READY=1 must come after every listener is up"
         relay.signal(signal.SIGTERM)
         stopping = await asyncio.to_thread(listener.recv, 4096)
         assert stopping == b"STOPPING=1"
         assert await asyncio.to_thread(relay.wait_exit, 30) == 0
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):  # workers never speak to systemd (NotifyAccess=main)
+            listener.recv(4096)
     finally:
         listener.close()
         await relay.astop()
@@ -195,7 +212,11 @@ async def test_sighup_reloads_a_valid_config_and_keeps_the_old_one_on_error(
     customers = [f"c{i}@gmail.com" for i in range(20)]
     port = free_port()
     cfg = tmp_path / "bccguard.toml"
-    base = relay_config(tmp_path, port, sink.url, {"internal_domains": ["corp.example"], "action": "rewrite"})
+    # Two workers, as "auto" gives on a 2-core host: every one must reload,
+    # or a message could meet the old rules on whichever worker the kernel picks.
+    base = relay_config(
+        tmp_path, port, sink.url, {"internal_domains": ["corp.example"], "action": "rewrite"}, workers=2
+    )
     cfg.write_text(to_toml(base))
     relay = RelayProcess(cfg, tmp_path / "relay.log")
     data = message(customers, sender="Board <ceo@board.corp.example>")
@@ -207,7 +228,7 @@ async def test_sighup_reloads_a_valid_config_and_keeps_the_old_one_on_error(
         reject_rule = {"name": "board", "senders": ["*@board.corp.example"], "action": "reject"}
         cfg.write_text(to_toml({**base, "policy": {**base["policy"], "rules": [reject_rule]}}))  # type: ignore[dict-item]
         relay.signal(signal.SIGHUP)
-        await poll(lambda: bool(relay.events("reloaded")), "the 'reloaded' log line", 20)
+        await poll(lambda: len(relay.events("reloaded")) == 2, "both workers' 'reloaded' lines", 20)
         code, text = await asyncio.to_thread(_send, port, "ceo@board.corp.example", customers, data)
         assert code == 550 and b"5.7.1" in text and b"bccguard rule board" in text
 
@@ -215,14 +236,14 @@ async def test_sighup_reloads_a_valid_config_and_keeps_the_old_one_on_error(
         broken = {**base["policy"], "rules": [reject_rule], "max_visible_external": "ten"}  # type: ignore[dict-item]
         cfg.write_text(to_toml({**base, "policy": broken}))
         relay.signal(signal.SIGHUP)
-        await poll(lambda: bool(relay.events("reload_failed")), "the 'reload_failed' log line", 20)
+        await poll(lambda: len(relay.events("reload_failed")) == 2, "both workers' 'reload_failed' lines", 20)
         problems = " ".join(e.get("problem", "") for e in relay.events("reload_failed"))
         assert "policy.max_visible_external" in problems
         assert relay.proc is not None and relay.proc.poll() is None, "a bad reload must not stop the relay"
         code, text = await asyncio.to_thread(_send, port, "ceo@board.corp.example", customers, data)
         assert code == 550 and b"bccguard rule board" in text
-        assert len(relay.events("reloaded")) == 1
+        assert len(relay.events("reloaded")) == 2
     finally:
         assert await relay.astop() == 0
-    # The relay was never down: every reply came from the same process.
-    assert len(relay.events("started")) == 1
+    # The relay was never down: every reply came from the same two workers.
+    assert len(relay.events("started")) == 2

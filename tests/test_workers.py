@@ -191,3 +191,41 @@ async def test_sighup_reaches_every_worker(two_workers) -> None:  # type: ignore
     proc.send_signal(signal.SIGHUP)
     await wait_for(lambda: reloads() == 2, 15)
     assert proc.poll() is None
+
+
+# ---------------------------------------------------------------- workers = "auto"
+
+
+@pytest.mark.parametrize(
+    ("affinity", "cpu_max", "expected"),
+    [
+        (2, None, 2),  # no cgroup file: the CPUs we may run on
+        (2, "max 100000\n", 2),  # a cgroup without a quota
+        (64, "150000 100000\n", 2),  # 1.5 CPUs of quota on a big host: rounded up, not 64
+        (64, "50000 100000", 1),  # half a CPU: still one process
+        (4, "800000 100000", 4),  # a quota above the affinity: the affinity wins
+        (64, None, 8),  # capped: a number in the config goes higher
+        (0, None, 1),
+        (3, "garbage", 3),  # an unreadable quota is ignored, not fatal
+        (3, "100000 0", 3),
+    ],
+)
+def test_auto_workers_follow_affinity_and_cgroup_quota(
+    affinity: int, cpu_max: str | None, expected: int
+) -> None:
+    from bccguard.config import auto_worker_count
+
+    assert auto_worker_count(affinity, cpu_max) == expected
+
+
+def test_workers_setting_accepts_auto_or_a_count_and_names_the_fix_otherwise() -> None:
+    from bccguard.config import ConfigError, from_dict, usable_workers
+
+    assert from_dict({"server": {"workers": "auto"}}).server.workers == usable_workers()
+    assert from_dict({}).server.workers == usable_workers()  # "auto" is the default
+    assert from_dict({"server": {"workers": 3}}).server.workers == 3
+    for bad in (0, -1, "two", True, 1.5):
+        with pytest.raises(ConfigError) as exc:
+            from_dict({"server": {"workers": bad}})
+        assert str(exc.value).count("\n") == 0
+        assert "server.workers" in str(exc.value) and '"auto" or a process count' in str(exc.value)

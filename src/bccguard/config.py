@@ -9,10 +9,12 @@ run with no file at all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -93,6 +95,50 @@ def _non_negative(v: int) -> int:
     if v < 0:
         raise ValueError(f"{v} is negative")
     return v
+
+
+AUTO_WORKERS_MAX = 8
+
+
+def auto_worker_count(affinity: int, cpu_max: str | None) -> int:
+    """`workers = "auto"`: one process per CPU this relay may actually use.
+
+    `affinity` is how many CPUs the scheduler lets it run on; `cpu_max` is the
+    cgroup v2 quota file's text ("max 100000" or "150000 100000"), None
+    outside a cgroup. A container limited to 1.5 CPUs on a 64-core host gets
+    2, not 64 (the mistake nproc-based defaults make). Capped at
+    AUTO_WORKERS_MAX: beyond that the per-worker shares of max_sessions and
+    max_sessions_per_ip get coarse (the kernel hashes connections to workers)
+    and the upstream MTA is the bottleneck anyway; a number goes higher.
+    """
+    count = max(1, affinity)
+    if cpu_max:
+        quota, _, period = cpu_max.strip().partition(" ")
+        if quota.isdigit() and period.isdigit() and int(period) > 0:
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    return min(count, AUTO_WORKERS_MAX)
+
+
+def usable_workers() -> int:
+    """auto_worker_count() for this process: sched affinity and its cgroup's cpu.max."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        affinity = os.cpu_count() or 1
+    cpu_max = None
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        cpu_max = Path("/sys/fs/cgroup/cpu.max").read_text("ascii")
+    return auto_worker_count(affinity, cpu_max)
+
+
+def _workers(value: Any) -> int:
+    if value == "auto":
+        return usable_workers()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a process count or \"auto\", got {_describe(value)}")
+    if value < 1:
+        raise ValueError(f"{value} is not positive")
+    return value
 
 
 def builtin_consumer_domains() -> frozenset[str]:
@@ -189,8 +235,14 @@ class ServerConfig:
     max_auth_failures: int = field(default=3, metadata=_check(_positive, "e.g. 3"))
     shutdown_timeout: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
     proxy_protocol: bool = False
-    # Processes sharing the port (SO_REUSEPORT) under one supervisor; 1: no supervisor.
-    workers: int = field(default=1, metadata=_check(_positive, "a process count, e.g. 2"))
+    # Processes sharing the port (SO_REUSEPORT) under one supervisor; 1: no
+    # supervisor. "auto" (the default) is resolved here, at load, to one per
+    # usable CPU: a relay is one Python loop per core, so one process leaves
+    # the other cores idle while clients wait.
+    workers: int = field(
+        default_factory=usable_workers,
+        metadata={**_check(_workers, '"auto" or a process count, e.g. 2'), "raw": True},
+    )
     # "auto": uvloop when it is installed (a default dependency on Linux and macOS), else asyncio's own loop.
     event_loop: str = field(
         default="auto",

@@ -151,6 +151,7 @@ class Supervisor:
         self.port = 0
         self._stop = False
         self._hup = False
+        self._draining = False  # _shutdown() has sent the first SIGTERM
         self._sock: socket.socket | None = None
         self._ops: Any = None
         self._metrics_dir: str | None = None
@@ -280,7 +281,15 @@ class Supervisor:
             raise
 
     def _on_stop(self, signum: int, frame: object) -> None:
+        """First signal: drain (see _shutdown). Another during the drain: pass it on.
+
+        A single relay cuts its drain short on a second SIGTERM (the admin's
+        "stop now"); the workers do the same only if they receive it.
+        """
         self._stop = True
+        if self._draining:
+            self._log("stop_forwarded", workers=self.count, signal=signal.Signals(signum).name)
+            self._signal_all(signum)
 
     def _on_hup(self, signum: int, frame: object) -> None:
         self._hup = True
@@ -323,6 +332,10 @@ class Supervisor:
 
     def _shutdown(self, *, failed: bool = False) -> int:
         """SIGTERM to every worker, wait for their drain, then clean up."""
+        from bccguard.systemd import notify
+
+        notify("STOPPING=1")  # as a single relay does: systemd shows "deactivating" during the drain
+        self._draining = True
         self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + self.config.server.shutdown_timeout + 5.0
         codes = []
