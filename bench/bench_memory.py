@@ -39,6 +39,9 @@ hostname = "bccguard.bench"
 max_message_size = {max_size}
 max_sessions = 1000
 max_sessions_per_ip = 1000
+# One process: its RSS is the relay's (with "auto" the PID would be the
+# supervisor, which handles no mail; each worker costs what this one does).
+workers = 1
 [upstream]
 url = "smtp://127.0.0.1:{sink}"
 helo_name = "bccguard.bench"
