@@ -182,6 +182,29 @@ async def test_sigterm_stops_every_worker_and_exits_0(two_workers) -> None:  # t
     assert not listening(port)
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit may wait for whoever reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def test_workers_of_a_killed_supervisor_drain_and_exit(two_workers) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL (the OOM killer) gives the supervisor no chance to pass SIGTERM on."""
+    proc, port, _, log = two_workers
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2 and all(running(pid) for pid in workers)
+    proc.kill()
+    proc.wait()
+    await wait_for(lambda: not any(running(pid) for pid in workers), 20)
+    assert not listening(port)
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    assert [e["event"] for e in lines].count("supervisor_gone") == 2
+    assert [e.get("drained") for e in lines if e["event"] == "stopped"] == [True, True]
+
+
 async def test_sighup_reaches_every_worker(two_workers) -> None:  # type: ignore[no-untyped-def]
     proc, _, _, log = two_workers
 

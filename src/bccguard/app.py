@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -290,6 +291,7 @@ class App:
             for sig in signals:
                 loop.remove_signal_handler(sig)
             raise
+        self._watch_supervisor(loop)
         try:
             await self._stop.wait()
             # A second SIGTERM/SIGINT during the drain cuts it short (like uvicorn's
@@ -301,6 +303,34 @@ class App:
             for sig in signals:
                 loop.remove_signal_handler(sig)
         return 0
+
+
+    def _watch_supervisor(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A worker whose supervisor died (its lifeline pipe reads EOF) stops as on SIGTERM.
+
+        Why: a SIGKILLed supervisor cannot pass SIGTERM on, and orphaned
+        workers would keep the port and run beside the next supervisor's.
+        """
+        fd = self.worker.lifeline_fd if self.worker is not None else -1
+        if fd < 0:
+            return
+
+        def on_readable() -> None:
+            try:
+                data = os.read(fd, 64)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                return  # nothing writes here; EOF is the only message
+            loop.remove_reader(fd)
+            os.close(fd)
+            self.log.warning("supervisor_gone", note="draining and exiting as on SIGTERM")
+            self._stop.set()
+
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, on_readable)
 
 
 def load_credentials(config: Config) -> Credentials | None:

@@ -24,7 +24,12 @@ The supervisor (this module) does no mail work:
   instead of spinning;
 - SIGTERM/SIGINT go to every worker (each drains as a single relay does) and
   the supervisor exits 0 once they are gone; SIGHUP goes to every worker,
-  which reloads its config as a single relay does.
+  which reloads its config as a single relay does;
+- each worker holds the read end of a pipe whose write end only the
+  supervisor has (its "lifeline"): if the supervisor dies without stopping
+  them (SIGKILL, the OOM killer), the pipe reads EOF and the workers drain
+  and exit as on SIGTERM, instead of serving on as orphans that a restarted
+  supervisor would then run beside.
 
 Limits: `max_sessions` and `max_sessions_per_ip` are totals; each worker
 enforces its share (rounded up), so the whole stays close to the configured
@@ -66,17 +71,18 @@ class WorkerRole:
     count: int
     port: int
     ready_fd: int = -1
+    lifeline_fd: int = -1  # EOF here: the supervisor is gone
 
     def encode(self) -> str:
-        return f"{self.index},{self.count},{self.port},{self.ready_fd}"
+        return f"{self.index},{self.count},{self.port},{self.ready_fd},{self.lifeline_fd}"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> WorkerRole | None:
         value = (os.environ if environ is None else environ).get(ENV_WORKER)
         if not value:
             return None
-        index, count, port, fd = (int(x) for x in value.split(","))
-        return cls(index, count, port, fd)
+        index, count, port, ready_fd, lifeline_fd = (int(x) for x in value.split(","))
+        return cls(index, count, port, ready_fd, lifeline_fd)
 
     @property
     def runs_retrier(self) -> bool:
@@ -127,6 +133,7 @@ class _Worker:
     started: float = 0.0
     ready: bool = False
     ready_r: int = -1
+    lifeline_w: int = -1  # only the supervisor holds it; closing it tells the worker to stop
     quick_crashes: int = 0
 
 
@@ -196,22 +203,33 @@ class Supervisor:
             self._own_metrics_dir = True
         self._metrics_dir = path
 
-    def _worker_env(self, w: _Worker, ready_w: int) -> dict[str, str]:
+    def _worker_env(self, w: _Worker, ready_w: int, lifeline_r: int) -> dict[str, str]:
         env = dict(os.environ)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self._metrics_dir)
-        env[ENV_WORKER] = WorkerRole(w.index, self.count, self.port, ready_w).encode()
+        env[ENV_WORKER] = WorkerRole(w.index, self.count, self.port, ready_w, lifeline_r).encode()
         env.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
         return env
 
     def _spawn(self, w: _Worker) -> None:
+        # os.pipe() fds are close-on-exec: a worker inherits only its own two
+        # (pass_fds), never another worker's lifeline write end.
         ready_r, ready_w = os.pipe()
+        lifeline_r, lifeline_w = os.pipe()
         try:
             w.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-                self.argv, env=self._worker_env(w, ready_w), pass_fds=(ready_w,)
+                self.argv,
+                env=self._worker_env(w, ready_w, lifeline_r),
+                pass_fds=(ready_w, lifeline_r),
             )
+        except BaseException:
+            os.close(ready_r)
+            os.close(lifeline_w)
+            raise
         finally:
             os.close(ready_w)
+            os.close(lifeline_r)
         w.ready_r = ready_r
+        w.lifeline_w = lifeline_w
         w.ready = False
         w.started = time.monotonic()
 
@@ -302,9 +320,7 @@ class Supervisor:
             code = w.proc.returncode
             w.ready = False
             self._mark_dead(w.proc.pid)
-            if w.ready_r >= 0:
-                os.close(w.ready_r)
-                w.ready_r = -1
+            _close_fds(w)
             quick = time.monotonic() - w.started < CRASH_WINDOW
             w.quick_crashes = w.quick_crashes + 1 if quick else 0
             self._log(
@@ -348,6 +364,7 @@ class Supervisor:
                 w.proc.kill()
                 codes.append(w.proc.wait())
             self._mark_dead(w.proc.pid)
+            _close_fds(w)
         if self._ops is not None:
             self._ops.stop()
             self._ops = None
@@ -358,6 +375,15 @@ class Supervisor:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         self._log("stopped", workers=self.count, codes=codes)
         return 1 if failed or any(c != 0 for c in codes) else 0
+
+
+def _close_fds(w: _Worker) -> None:
+    """The supervisor's ends of a worker's pipes, once that worker has exited."""
+    for name in ("ready_r", "lifeline_w"):
+        fd = getattr(w, name)
+        if fd >= 0:
+            os.close(fd)
+            setattr(w, name, -1)
 
 
 def _stderr_log(event: str, **fields: Any) -> None:
