@@ -132,13 +132,10 @@ def usable_workers() -> int:
 
 
 def _workers(value: Any) -> int:
+    """`"auto"` or a positive count, checked as every other count is."""
     if value == "auto":
         return usable_workers()
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a process count or \"auto\", got {_describe(value)}")
-    if value < 1:
-        raise ValueError(f"{value} is not positive")
-    return value
+    return int(_positive(_coerce_scalar(value, int)))
 
 
 def builtin_consumer_domains() -> frozenset[str]:

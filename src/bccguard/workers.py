@@ -379,11 +379,12 @@ class Supervisor:
 
 def _close_fds(w: _Worker) -> None:
     """The supervisor's ends of a worker's pipes, once that worker has exited."""
-    for name in ("ready_r", "lifeline_w"):
-        fd = getattr(w, name)
-        if fd >= 0:
-            os.close(fd)
-            setattr(w, name, -1)
+    if w.ready_r >= 0:
+        os.close(w.ready_r)
+        w.ready_r = -1
+    if w.lifeline_w >= 0:
+        os.close(w.lifeline_w)
+        w.lifeline_w = -1
 
 
 def _stderr_log(event: str, **fields: Any) -> None:

@@ -607,15 +607,27 @@ class SMTPUpstream:
 
     async def _first_reply(self, conn: Connection, what: str) -> Reply:
         """The first reply of a transaction; on a reused connection, death means retry."""
+        return (await self._first_replies(conn, 1, what))[0]
+
+    async def _first_replies(
+        self, conn: Connection, count: int, what: str, *, brief: bool = False
+    ) -> list[Reply]:
+        """The replies of a transaction's first group (see read_replies).
+
+        On a reused connection, dying or saying 421 before the first reply
+        means the pool kept a dead connection: nothing was accepted, retry.
+        Fewer than `count` replies when a 421 later in the group cut it short.
+        """
+        replies: list[Reply] = []
         try:
-            reply = await conn.read_reply(what)
+            await conn.read_replies(count, what, brief=brief, into=replies)
         except UpstreamError as exc:
-            if conn.reused and exc.kind == "connect":
+            if conn.reused and not replies and exc.kind == "connect":
                 raise _Stale from exc
             raise
-        if conn.reused and reply.code == 421:
+        if conn.reused and replies[0].code == 421:
             raise _Stale
-        return reply
+        return replies
 
     async def _transact(
         self,
@@ -651,19 +663,8 @@ class SMTPUpstream:
             rcpt_block = ("RCPT TO:<" + ">\r\nRCPT TO:<".join(rcpts) + ">\r\n").encode()
             conn.write(b"".join((mail, rcpt_block, b"DATA\r\n")))
             # All replies in one call, in brief: only refusals keep their text.
-            # Fewer than asked for when a 421 cut the group short.
-            group: list[Reply] = []
-            try:
-                await conn.read_replies(
-                    len(rcpts) + 2, "MAIL FROM/RCPT TO/DATA", brief=True, into=group
-                )
-            except UpstreamError as exc:
-                if conn.reused and not group and exc.kind == "connect":
-                    raise _Stale from exc  # as in _first_reply
-                raise
+            group = await self._first_replies(conn, len(rcpts) + 2, "MAIL FROM/RCPT TO/DATA", brief=True)
             last = mail_reply = group[0]
-            if conn.reused and mail_reply.code == 421:
-                raise _Stale
             conn.dirty = mail_reply.is_ok
             rcpt_replies = group[1 : len(rcpts) + 1]
             if len(group) == len(rcpts) + 2:
