@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from bccguard.store.quarantine import Quarantine
 
 log = structlog.get_logger("bccguard.console")
 
-PUBLIC = ("/login", "/healthz", "/metrics", "/static/")
+PUBLIC = ("/login", "/healthz", "/metrics", "/favicon.ico")
 MAX_IDS = 500
 AUDIT_PAGE = 100
 
@@ -224,7 +225,11 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
 
     # ------------------------------------------------------------ login
     async def login_form(request: Request, error: str = "", status: int = 200) -> Response:
-        nonce = secrets.token_urlsafe(24)
+        # One nonce per browser, kept while it is valid: a second tab (or the browser's own
+        # favicon request bounced here) must not invalidate the form already on screen.
+        nonce = request.cookies.get(console.login_cookie, "")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{32}", nonce):
+            nonce = secrets.token_urlsafe(24)
         r = page(request, "login.html", status, nonce=nonce, error=error)
         r.set_cookie(console.login_cookie, nonce, max_age=1800, httponly=True, samesite="strict",
                      secure=console.secure, path="/")  # fmt: skip
@@ -458,6 +463,9 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
         return page(request, "audit.html", rows=rows[(n - 1) * AUDIT_PAGE : n * AUDIT_PAGE], total=len(rows),
                     page=n, pages=pages, f=f, query=f.query())  # fmt: skip
 
+    async def favicon(request: Request) -> Response:
+        return Response(status_code=204)  # asked for by every browser; none to give
+
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
 
@@ -486,6 +494,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
         Route("/done/{token}", done),
         Route("/audit", audit_page),
         Route("/healthz", healthz),
+        Route("/favicon.ico", favicon),
         Route("/metrics", metrics_page),
         Mount("/static", app=StaticFiles(directory=str(files("bccguard.console") / "static")), name="static"),
     ]

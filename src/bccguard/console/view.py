@@ -217,7 +217,7 @@ class _Text(HTMLParser):
     """The text of an HTML document: tags dropped, script and style content skipped."""
 
     SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
-    BREAK = frozenset({"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "table", "blockquote"})
+    BREAK = frozenset({"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "table", "blockquote", "form"})
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
