@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bccguard.policy.headers import parse_header
 from conftest import StartRelay, message, send
 from console_helpers import PASSWORDS, add_users, cli, console_toml, running_console
 from deploy_helpers import free_port, require_binary
-from test_quarantine_review import CUSTOMERS, QUARANTINE, hold_survey
-
-from bccguard.policy.headers import parse_header
 from sink import Sink
+from test_quarantine_review import CUSTOMERS, QUARANTINE, hold_survey
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
@@ -44,6 +44,13 @@ async def browser() -> AsyncIterator[Any]:
             yield b
         finally:
             await b.close()
+
+
+def keep_shots(tmp_path: Path, *names: str) -> None:
+    """A copy of the screenshots where a person can look at them after the run."""
+    SHOTS.mkdir(exist_ok=True)
+    for name in names:
+        shutil.copy(tmp_path / name, SHOTS / name)
 
 
 def audit(tmp_path: Path) -> list[dict[str, Any]]:
@@ -132,7 +139,8 @@ async def test_reviewer_finds_previews_reveals_and_releases_the_survey_rewritten
         head = await page.locator("pre.headers").inner_text()
         assert "customer0@clients.example" in head and "customer1@gmail.com" in head
         rec = audit(tmp_path)[-1]
-        assert (rec["what"], rec["who"], rec["via"], rec["id"]) == ("reveal", "rita", "console", ids["Your feedback"])
+        want = ("reveal", "rita", "console", ids["Your feedback"])
+        assert (rec["what"], rec["who"], rec["via"], rec["id"]) == want
         assert "@" not in json.dumps(rec)  # the audit log says who looked, not what they saw
 
         await page.click("button[value=release_rewrite]")
@@ -161,9 +169,7 @@ async def test_reviewer_finds_previews_reveals_and_releases_the_survey_rewritten
         await page.screenshot(path=str(tmp_path / "console-audit.png"), full_page=True)
         assert watch.dialogs == [] and watch.foreign == []
         await ctx.close()
-    SHOTS.mkdir(exist_ok=True)
-    for name in ("console-list.png", "console-message.png", "console-audit.png"):
-        shutil.copy(tmp_path / name, SHOTS / name)
+    keep_shots(tmp_path, "console-list.png", "console-message.png", "console-audit.png")
     assert not re.search(r"customer\d+@", console.log)
 
 
@@ -261,7 +267,8 @@ def hostile(track: int) -> bytes:
         "--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nPlain part <b>not bold</b>\r\n"
         "--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + html + "\r\n"
         "--b1\r\nContent-Type: application/pdf; name=\"report.pdf\"\r\n"
-        "Content-Disposition: attachment; filename=\"report.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        "Content-Disposition: attachment; filename=\"report.pdf\"\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\n"
         "JVBERi0xLjQK\r\n--b1--\r\n"
     )
     return message(
@@ -310,5 +317,4 @@ async def test_hostile_subject_and_html_run_no_script_and_load_nothing(
     finally:
         server.close()
         await server.wait_closed()
-    SHOTS.mkdir(exist_ok=True)
-    shutil.copy(tmp_path / "console-hostile.png", SHOTS / "console-hostile.png")
+    keep_shots(tmp_path, "console-hostile.png")
