@@ -108,6 +108,39 @@ async def test_headers_cookies_roles_and_csrf(start_relay: StartRelay, sink: Sin
     assert not re.search(r"[\w.+-]+@[\w-]+\.[\w.]+", console.log), "an address in the console's log"
 
 
+async def test_admin_purges_old_mail_and_a_reviewer_cannot(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    app = await start_relay(sink.url, QUARANTINE)
+    for _ in range(2):
+        await hold_survey(app, CUSTOMERS[:12])
+    old, new = app.runtime.quarantine.ids()
+    meta = tmp_path / "quarantine" / f"{old}.json"
+    m = json.loads(meta.read_text())
+    m["time"] -= 40 * 86400  # held for 40 days
+    meta.write_text(json.dumps(m))
+    config = console_toml(tmp_path, sink.url)
+    await add_users(config)
+    async with running_console(config) as console:
+        r = Client(console.base)
+        await r.login("rita")
+        token = csrf_of((await r.get("/")).body)
+        assert "Purge" not in (await r.get("/")).body
+        assert (await r.post("/act", {"csrf": token, "action": "purge", "older_than": "1s"})).status == 403
+        a = Client(console.base)
+        await a.login("adam")
+        token = csrf_of((await a.get("/")).body)
+        page = await a.post("/confirm", {"csrf": token, "action": "purge", "older_than": "30d"})
+        assert "held longer than <b>30d</b>" in page.body
+        done = await a.post("/act", {"csrf": token, "action": "purge", "older_than": "30d"})
+        assert "1 messages purged" in (await a.get(done.header("location"))).body
+        bad = await a.post("/act", {"csrf": token, "action": "purge", "older_than": "soon"})
+        assert bad.status == 400 and "not a duration" in bad.body
+    assert app.runtime.quarantine.ids() == [new]
+    whats = [(x["what"], x["result"], x["who"], x["id"]) for x in audit(tmp_path)]
+    assert whats == [("purge", "forbidden", "rita", "-"), ("purge", "removed", "adam", old)]
+
+
 async def test_login_is_rate_limited_per_account_and_per_address(
     start_relay: StartRelay, sink: Sink, tmp_path: Path
 ) -> None:
