@@ -40,6 +40,9 @@ async def test_headers_cookies_roles_and_csrf(start_relay: StartRelay, sink: Sin
             assert (r.status, r.header("location")) == (303, "/login"), path
         assert (tmp_path / "quarantine" / f"{entry_id}.eml").exists()
 
+        huge = await c.post("/login", {"name": "x", "password": "p" * (2 << 20)})
+        assert huge.status == 413  # refused before anything reads it
+
         page = await c.get("/login")
         assert page.status == 200
         assert page.header("content-security-policy").startswith("default-src 'none'")

@@ -48,6 +48,7 @@ from bccguard.store.quarantine import Quarantine
 
 log = structlog.get_logger("bccguard.console")
 
+MAX_BODY = 1 << 20  # a form of 500 ids is ~25 KB; nothing posted here is bigger
 PUBLIC = ("/login", "/healthz", "/metrics", "/favicon.ico")
 MAX_IDS = 500
 AUDIT_PAGE = 100
@@ -104,7 +105,7 @@ class Console:
     sessions: Sessions = field(init=False)
     limiter: LoginLimiter = field(init=False)
     q: Quarantine = field(init=False)
-    flashes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    flashes: dict[str, tuple[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         c = self.cfg.console
@@ -166,6 +167,11 @@ class _Guard:
             await send(message)
 
         path = scope["path"]
+        length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            await PlainTextResponse("request too large", 413)(scope, receive, send_with_headers)
+            return
+        receive = _capped(receive)
         if not (path in PUBLIC or path.startswith("/static/")):
             _, session = self.console.session_of(scope)
             if session is None:
@@ -180,6 +186,22 @@ class _Guard:
             await PlainTextResponse("internal error (see the console's log)", 500)(
                 scope, receive, send_with_headers
             )
+
+
+def _capped(receive: Receive) -> Receive:
+    """A body without Content-Length (chunked) is cut off after MAX_BODY bytes, as a disconnect."""
+    seen = 0
+
+    async def capped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY:
+                return {"type": "http.disconnect"}
+        return message
+
+    return capped
 
 
 # ---------------------------------------------------------------- helpers
@@ -268,7 +290,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
         console.sessions.end(old)  # a fresh token at login: no session fixation
         token, _ = console.sessions.create(account.name, account.role)
         console.metrics.logins.labels(result="ok").inc()
-        console.metrics.sessions.set(len(console.sessions._by_token))
+        console.metrics.sessions.set(len(console.sessions))
         log.info("console_login", result="ok", user=account.name, role=account.role, client=address)
         r = RedirectResponse("/", status_code=303)
         r.set_cookie(console.cookie, token, max_age=int(cfg.console.session_ttl), httponly=True,
@@ -423,7 +445,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
         for i in ids:
             outcomes.append(await _one(action, i, s))
         token = secrets.token_urlsafe(12)
-        console.flashes[token] = outcomes
+        console.flashes[token] = (s.name, outcomes)
         while len(console.flashes) > 100:
             console.flashes.pop(next(iter(console.flashes)))
         return RedirectResponse(f"/done/{token}", status_code=303)
@@ -447,10 +469,11 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
         return {"id": entry_id, "result": result, "text": text}
 
     async def done(request: Request) -> Response:
-        outcomes = console.flashes.pop(request.path_params["token"], None)
-        if outcomes is None:
+        flash = console.flashes.get(request.path_params["token"])
+        if flash is None or flash[0] != session(request).name:  # another user's outcome: not yours to see
             return RedirectResponse("/", status_code=303)
-        return page(request, "done.html", outcomes=outcomes)
+        del console.flashes[request.path_params["token"]]
+        return page(request, "done.html", outcomes=flash[1])
 
     async def audit_page(request: Request) -> Response:
         f = view.AuditFilters.from_query(request.query_params)
@@ -470,7 +493,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
         return PlainTextResponse("ok\n")
 
     async def metrics_page(request: Request) -> Response:
-        console.metrics.sessions.set(len(console.sessions._by_token))
+        console.metrics.sessions.set(len(console.sessions))
         return Response(generate_latest(console.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def refusing(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

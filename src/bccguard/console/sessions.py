@@ -48,6 +48,9 @@ class Sessions:
             return None
         return s
 
+    def __len__(self) -> int:
+        return len(self._by_token)
+
     def end(self, token: str | None) -> None:
         if token:
             self._by_token.pop(token, None)
