@@ -15,12 +15,13 @@ import email.message
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from html.parser import HTMLParser
 from typing import Any
 
-from bccguard.config import Config
+from bccguard.config import Config, PolicySettings
 from bccguard.policy.classify import classify_rcpt, envelope_domain
 from bccguard.policy.decide import select_rule
 from bccguard.policy.headers import parse_header
@@ -29,8 +30,11 @@ from bccguard.store.quarantine import Entry, Quarantine
 
 MAX_BODY_CHARS = 100_000
 MASK = "\u2022\u2022\u2022"
-# An addr-spec as it appears in header and body text (good enough to find, not to validate).
-ADDR = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)")
+# An addr-spec as it appears in header and body text: found generously (UTF-8 and quoted
+# local parts, IDN domains), since a missed one is a customer address on screen.
+_LOCAL = r"[^\s<>()\[\],;:\"@\\]"
+_DOMAIN = r"[^\s<>()\[\],;:\"'@\\]"
+ADDR = re.compile(rf"(?:\"[^\"\r\n]*\"|{_LOCAL}+)@({_DOMAIN}+)")
 
 
 def sender_domain(mail_from: str) -> str:
@@ -124,27 +128,31 @@ class Detail:
     masked: int = 0
 
 
-def masker(cfg: Config, q: Quarantine, e: Entry) -> Any:
-    """A function hiding the local part of every external address in a text, and its count."""
-    _, settings = select_rule(cfg.policy, q.envelope(e.id))
-    memo: dict[str, bool] = {}
-    count = [0]
+class Masker:
+    """Hides the local part of every external address in a text (`•••@gmail.com`), counting them.
 
-    def one(m: re.Match[str]) -> str:
+    External is the relay's own notion (not internal, not partner) under the
+    rule that matches the message's envelope. The domain stays: it is what a
+    reviewer needs to judge the exposure, and what bccguard logs anyway.
+    """
+
+    def __init__(self, settings: PolicySettings) -> None:
+        self.settings = settings
+        self.count = 0
+        self._memo: dict[str, bool] = {}
+
+    def _one(self, m: re.Match[str]) -> str:
         domain = m.group(1).lower()
-        ext = memo.get(domain)
+        ext = self._memo.get(domain)
         if ext is None:
-            ext = memo[domain] = classify_rcpt(f"x@{domain}", settings).is_external
+            ext = self._memo[domain] = classify_rcpt(f"x@{domain}", self.settings).is_external
         if not ext:
             return m.group(0)
-        count[0] += 1
-        return f"{MASK}@{domain}"
+        self.count += 1
+        return f"{MASK}@{m.group(1)}"
 
-    def mask(text: str) -> str:
-        return ADDR.sub(one, text)
-
-    mask.count = count  # type: ignore[attr-defined]
-    return mask
+    def __call__(self, text: str) -> str:
+        return ADDR.sub(self._one, text)
 
 
 def detail(cfg: Config, q: Quarantine, e: Entry, *, reveal: bool) -> Detail:
@@ -156,8 +164,8 @@ def detail(cfg: Config, q: Quarantine, e: Entry, *, reveal: bool) -> Detail:
     _, settings = select_rule(cfg.policy, q.envelope(e.id))
     domains = Counter(envelope_domain(x) or "(none)" for x in rcpts)
     external = sum(1 for x in rcpts if classify_rcpt(x, settings).is_external)
-    mask = masker(cfg, q, e)
-    show = (lambda t: t) if reveal else mask
+    mask = Masker(settings)
+    show: Callable[[str], str] = (lambda t: t) if reveal else mask
     block = parse_header(data)
     head = data[: block.body_offset].decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")
     d = Detail(
@@ -170,7 +178,7 @@ def detail(cfg: Config, q: Quarantine, e: Entry, *, reveal: bool) -> Detail:
     parts, attachments = _walk(data)
     d.parts = [Part(p.kind, show(p.text), p.truncated) for p in parts]
     d.attachments = attachments
-    d.masked = mask.count[0]
+    d.masked = mask.count
     return d
 
 
