@@ -144,6 +144,29 @@ async def test_admin_purges_old_mail_and_a_reviewer_cannot(
     assert whats == [("purge", "forbidden", "rita", "-"), ("purge", "removed", "adam", old)]
 
 
+async def test_a_broken_entry_neither_hides_the_others_nor_leaks(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    app = await start_relay(sink.url, QUARANTINE)
+    for _ in range(2):
+        await hold_survey(app, CUSTOMERS[:12])
+    broken, fine = app.runtime.quarantine.ids()
+    (tmp_path / "quarantine" / f"{broken}.json").write_text('{"verdict": "not a table"}')
+    config = console_toml(tmp_path, sink.url)
+    await add_users(config)
+    async with running_console(config) as console:
+        c = Client(console.base)
+        await c.login("adam")
+        page = await c.get("/")
+        assert page.status == 200 and "(unreadable entry)" in page.body and f"/message/{fine}" in page.body
+        r = await c.get(f"/message/{broken}")
+        assert r.status == 500 and "Traceback" not in r.body and "@" not in r.body
+        assert r.header("content-security-policy")  # the headers are on error pages too
+        metrics = (await c.get("/metrics")).body
+        assert 'bccguard_console_errors_total{kind="internal"} 1.0' in metrics
+    assert "console_error" in console.log
+
+
 async def test_login_is_rate_limited_per_account_and_per_address(
     start_relay: StartRelay, sink: Sink, tmp_path: Path
 ) -> None:

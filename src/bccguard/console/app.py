@@ -156,8 +156,12 @@ class _Guard:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 names = {k.lower() for k, _ in headers}
                 headers += [(k, v) for k, v in HEADERS if k not in names]
@@ -183,9 +187,10 @@ class _Guard:
         except Exception:
             self.console.metrics.errors.labels(kind="internal").inc()
             log.exception("console_error", path="/".join(path.split("/")[:3]))
-            await PlainTextResponse("internal error (see the console's log)", 500)(
-                scope, receive, send_with_headers
-            )
+            if not started:  # Starlette's own error handler may have answered 500 already
+                await PlainTextResponse("internal error (see the console's log)", 500)(
+                    scope, receive, send_with_headers
+                )
 
 
 def _capped(receive: Receive) -> Receive:

@@ -91,8 +91,13 @@ def rows(q: Quarantine, f: Filters) -> list[dict[str, Any]]:
     """Every entry that matches, newest first, with counts and domains only."""
     out = []
     for e in q.entries():
-        r = summary(q, e)
-        r["sender_domain"] = sender_domain(r.pop("mail_from"))
+        try:
+            r = summary(q, e)
+            r["sender_domain"] = sender_domain(r.pop("mail_from"))
+        except (AttributeError, KeyError, TypeError, ValueError):  # metadata not as the relay writes it
+            r = {"id": e.id, "time": 0.0, "received": "?", "sender_domain": "?", "rcpts": 0,
+                 "rule": "", "visible_external": 0, "reason": "unreadable metadata: see "
+                 "`bccguard quarantine show`", "size": e.size, "subject": "(unreadable entry)"}  # fmt: skip
         if f.match(r):
             out.append(r)
     out.sort(key=lambda r: (r["time"], r["id"]), reverse=True)
