@@ -6,6 +6,7 @@ does not load) end in one line naming the fix, like every other command.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 import sys
 
@@ -38,6 +39,13 @@ def preflight(cfg: Config) -> str | None:
         except (OSError, ssl.SSLError) as exc:
             return f"console.tls: cannot load {c.tls.cert} / {c.tls.key}: {exc} (fix: PEM cert and key)"
     return None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def run(cfg: Config) -> int:
@@ -77,6 +85,10 @@ def run(cfg: Config) -> int:
         )
         return 1
     log.info("console_started", listen=cfg.console.listen, tls=bool(tls.cert), quarantine=cfg.quarantine.path)
+    if not tls.cert and not _loopback(host):
+        # Passwords and session cookies would cross the network in clear text (fine behind a
+        # TLS proxy on the same host; then the login rate limit sees the proxy's address).
+        log.warning("console_plain_http", listen=cfg.console.listen, fix="set [console.tls] cert and key")
     notify("READY=1")
     server.run(sockets=[sock])
     notify("STOPPING=1")
