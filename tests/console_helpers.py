@@ -110,6 +110,8 @@ async def running_console(config: Path, *, https: bool = False) -> AsyncIterator
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+            await asyncio.gather(*readers, return_exceptions=True)
+            assert proc.returncode == 0, f"console exited {proc.returncode} on SIGTERM: {c.log[-3000:]}"
         await asyncio.gather(*readers, return_exceptions=True)
 
 

@@ -7,8 +7,10 @@ does not load) end in one line naming the fix, like every other command.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import ssl
 import sys
+from types import FrameType
 
 import structlog
 
@@ -39,6 +41,26 @@ def preflight(cfg: Config) -> str | None:
         except (OSError, ssl.SSLError) as exc:
             return f"console.tls: cannot load {c.tls.cert} / {c.tls.key}: {exc} (fix: PEM cert and key)"
     return None
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn's server, ending with exit status 0 after a graceful SIGTERM/SIGINT.
+
+        uvicorn re-raises the signal once it has shut down, so the process dies
+        of it (-15); systemd would accept that, but "stopped cleanly" is easier
+        to check, for us and for any supervisor, as a plain 0.
+        """
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            notify("STOPPING=1")
+
+    return _Server
 
 
 def _loopback(host: str) -> bool:
@@ -73,7 +95,7 @@ def run(cfg: Config) -> int:
         loop="asyncio",
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     server.config.load()
     try:
         sock = server.config.bind_socket()
@@ -91,5 +113,5 @@ def run(cfg: Config) -> int:
         log.warning("console_plain_http", listen=cfg.console.listen, fix="set [console.tls] cert and key")
     notify("READY=1")
     server.run(sockets=[sock])
-    notify("STOPPING=1")
+    log.info("console_stopped")
     return 0
