@@ -83,7 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--show", action="store_true", help="print the header block as it would leave")
     _quarantine_parser(sub)
+    _console_parser(sub)
     return parser
+
+
+def _console_parser(sub: Any) -> None:
+    c = sub.add_parser("console", help="serve the quarantine console (web) on console.listen")
+    _config_arg(c)
+    u = sub.add_parser(
+        "console-user",
+        help="manage console accounts: add, remove, list",
+        description="Accounts live in console.users_file (or --file). Roles: reviewer (list, view, "
+        "release) and admin (also delete, purge, view raw).",
+    )
+    u_sub = u.add_subparsers(dest="console_user_command", metavar="SUBCOMMAND")
+    add = u_sub.add_parser("add", help="add an account or change its role and password "
+                           "(asks twice on a terminal, else reads one line of stdin)")  # fmt: skip
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--role", required=True, choices=["reviewer", "admin"])
+    remove = u_sub.add_parser("remove", help="remove an account (its sessions end at once)")
+    remove.add_argument("name", metavar="NAME")
+    for p in (add, remove, u_sub.add_parser("list", help="list accounts and roles")):
+        _config_arg(p)
+        p.add_argument("--file", metavar="F", help="users file (default: console.users_file of --config)")
 
 
 def _quarantine_parser(sub: Any) -> None:
@@ -103,7 +125,11 @@ def _quarantine_parser(sub: Any) -> None:
     _config_arg(p)
     p = q_sub.add_parser("release", help="deliver through the configured upstream, then remove")
     p.add_argument("id", metavar="ID")
-    p.add_argument("--rewrite", action="store_true", help="hide external addresses first (policy in force)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--rewrite", action="store_true", help="hide external addresses first (policy in force)")
+    how.add_argument(
+        "--split", action="store_true", help="one copy per external recipient, as the split action sends"
+    )
     _config_arg(p)
     p = q_sub.add_parser("delete", help="remove a held message without delivering it")
     p.add_argument("id", metavar="ID")
@@ -127,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_passwd(args)
         if args.command == "quarantine" and args.quarantine_command:
             return cmd_quarantine(args)
+        if args.command == "console":
+            return cmd_console(args)
+        if args.command == "console-user" and args.console_user_command:
+            return cmd_console_user(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"bccguard: config error: {problem}", file=sys.stderr)
@@ -148,7 +178,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             case "show":
                 return review.cmd_show(cfg, args.id, raw=args.raw)
             case "release":
-                return review.cmd_release(cfg, args.id, rewrite=args.rewrite)
+                return review.cmd_release(cfg, args.id, rewrite=args.rewrite, split=args.split)
             case "delete":
                 return review.cmd_delete(cfg, args.id)
             case _:
@@ -163,6 +193,64 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from bccguard.console.server import run
+    from bccguard.ops.logs import configure
+
+    cfg = load(args.config)
+    configure(cfg.logging.level, cfg.logging.format, log_addresses=cfg.logging.log_addresses)
+    return run(cfg)
+
+
+def cmd_console_user(args: argparse.Namespace) -> int:
+    """Add, remove or list console accounts; the password never touches argv."""
+    import getpass
+
+    from bccguard.console import accounts as acc
+
+    path = args.file or (load(args.config).console.users_file if args.config else "")
+    if not path:
+        print("bccguard: no users file (fix: pass --file F, or --config F with console.users_file set)",
+              file=sys.stderr)  # fmt: skip
+        return EX_USAGE
+    try:
+        if args.console_user_command == "list":
+            for a in sorted(acc.load(path).values(), key=lambda a: a.name):
+                print(f"{a.name}\t{a.role}")
+            return EX_OK
+        problem = acc.name_problem(args.name)
+        if problem is not None:
+            print(f"bccguard: bad name {args.name!r}: {problem}", file=sys.stderr)
+            return EX_USAGE
+        if args.console_user_command == "remove":
+            if not acc.remove(path, args.name):
+                print(f"bccguard: no account {args.name} in {path} (fix: see console-user list)",
+                      file=sys.stderr)  # fmt: skip
+                return EX_USAGE
+            print(f"{path}: removed {args.name} (their console sessions end at once)")
+            return EX_OK
+        if sys.stdin.isatty():
+            password = getpass.getpass(f"Password for {args.name}: ")
+            if getpass.getpass("Again: ") != password:
+                print("bccguard: the passwords differ; nothing changed", file=sys.stderr)
+                return EX_USAGE
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            print("bccguard: empty password; nothing changed", file=sys.stderr)
+            return EX_USAGE
+        existed = acc.add(path, args.name, args.role, password)
+    except acc.AccountsError as exc:
+        print(f"bccguard: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except OSError as exc:
+        print(f"bccguard: cannot update {path}: {exc.strerror or exc} (fix: run as the console's user)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"{path}: {'updated' if existed else 'added'} {args.name} ({args.role})")
+    return EX_OK
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

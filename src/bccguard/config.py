@@ -351,6 +351,46 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleTLSConfig:
+    """HTTPS for the console. Empty cert/key: plain HTTP (keep it on loopback then)."""
+
+    cert: str = ""
+    key: str = ""
+
+
+CONSOLE_USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """`bccguard console`: the web console over the quarantine, its own process.
+
+    Accounts live in `users_file` (`bccguard console-user add NAME --role ...`);
+    the console refuses to start without one. Sessions are kept in the
+    console's memory, so a restart logs everyone out.
+    """
+
+    listen: str = field(
+        default="127.0.0.1:9466",
+        metadata=_check(_listen, 'use "host:port", e.g. "127.0.0.1:9466"'),
+    )
+    users_file: str = ""
+    session_ttl: float = field(
+        default=8 * 3600.0,
+        metadata={**_check(parse_duration, 'a duration, e.g. "8h"'), "raw": True},
+    )
+    page_size: int = field(default=50, metadata=_check(_positive, "messages per page, e.g. 50"))
+    # Failed logins per account and per client address within `login_window`
+    # before further attempts are refused until the window has passed.
+    max_login_failures: int = field(default=5, metadata=_check(_positive, "e.g. 5"))
+    login_window: float = field(
+        default=900.0,
+        metadata={**_check(parse_duration, 'a duration, e.g. "15m"'), "raw": True},
+    )
+    tls: ConsoleTLSConfig = field(default_factory=ConsoleTLSConfig)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = field(
         default="info",
@@ -431,6 +471,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     source: str = "embedded defaults"
 
 
@@ -634,6 +675,12 @@ def _cross_checks(cfg: Config, source: str) -> None:
         problems.append(
             "server.auth_file: AUTH is only offered over TLS (fix: set server.tls.cert and key)"
         )
+    ctls = cfg.console.tls
+    if bool(ctls.cert) != bool(ctls.key):
+        problems.append("console.tls: cert and key go together (fix: set both paths, or neither)")
+    for label, p in (("console.tls.cert", ctls.cert), ("console.tls.key", ctls.key)):
+        if p and not Path(p).is_file():
+            problems.append(f"{label}: {p} does not exist (fix: point it at a PEM file)")
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
     if cfg.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
@@ -677,6 +724,7 @@ def upstream_parts(url: str) -> tuple[str, str, int, str]:
 __all__ = [
     "Config",
     "ConfigError",
+    "ConsoleConfig",
     "LoggingConfig",
     "MetricsConfig",
     "NotifyConfig",

@@ -20,15 +20,18 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 from bccguard.config import Config, parse_duration
 from bccguard.policy.addresses import visible_recipients
 from bccguard.policy.classify import classify_rcpt
 from bccguard.policy.decide import decide_with, select_rule
-from bccguard.policy.engine import rewrite_for
+from bccguard.policy.engine import rewrite_for, split_for
 from bccguard.policy.headers import parse_header
+from bccguard.policy.model import Action
 from bccguard.policy.notice import display_subject
+from bccguard.policy.split import render
 from bccguard.store.durable import check_id
 from bccguard.store.quarantine import Entry, Quarantine
 from bccguard.upstream import UpstreamError, open_upstream
@@ -179,90 +182,176 @@ def cmd_show(cfg: Config, entry_id: str, *, raw: bool, out: TextIO = sys.stdout)
     return EX_OK
 
 
-def cmd_release(cfg: Config, entry_id: str, *, rewrite: bool, out: TextIO = sys.stdout) -> int:
-    q = _store(cfg)
-    e = _entry(q, entry_id)
-    with _locked(q, e.id):
-        return asyncio.run(_release(cfg, q, e, rewrite=rewrite, out=out))
+RELEASE_MODES = ("as_is", "rewrite", "split")
 
 
-async def _release(cfg: Config, q: Quarantine, e: Entry, *, rewrite: bool, out: TextIO) -> int:
-    env = q.envelope(e.id)
-    data = q.message(e.id)
-    how = "rewritten" if rewrite else "as it was"
-    if rewrite:
-        block = parse_header(data)
-        rule, settings = select_rule(cfg.policy, env)
-        verdict = decide_with(rule, settings, env, visible_recipients(block))
-        data, hidden = rewrite_for(data, block, env, settings, verdict)
-        how = f"rewritten ({hidden} addresses hidden)"
-    upstream = open_upstream(cfg.upstream, hostname=cfg.server.hostname)
-    try:
-        result = await upstream.deliver(
-            env.mail_from, env.rcpt_tos, data, smtputf8=env.smtputf8, eightbit=not data.isascii()
-        )
-    except UpstreamError as exc:
-        q.audit("release", e.id, "failed", rewrite=rewrite, error=exc.kind)
-        raise _fail(
-            f"release of {e.id} failed: upstream {exc.kind}"
-            + (f" ({exc.reply.code})" if exc.reply is not None else "")
-            + f"; the entry is kept (fix: check upstream.url = {cfg.upstream.url!r} and retry)",
-            EX_FAILED,
-        ) from None
-    finally:
-        await upstream.close()
-    if not result.accepted:
-        q.audit("release", e.id, "failed", rewrite=rewrite, error=f"{result.reply.code}")
-        raise _fail(
-            f"release of {e.id} failed: the upstream refused every recipient ({result.reply.code}); "
-            "the entry is kept (fix: see the upstream's log, then retry or delete it)",
-            EX_FAILED,
-        )
-    if result.refused:
-        refused = tuple(r for r in env.rcpt_tos if r in result.refused)
-        codes = sorted({str(rep.code) for rep in result.refused.values()})
-        # Audit first: the accepted recipients have it now, whatever happens next.
-        q.audit("release", e.id, "partial", rewrite=rewrite, accepted=len(result.accepted),
-                refused=len(refused))  # fmt: skip
-        q.narrow(e.id, refused, f"released to {len(result.accepted)}; refused {','.join(codes)}")
+@dataclass(frozen=True)
+class Released:
+    """What a release did: "released" (entry gone) or "partial" (kept for the refused)."""
+
+    result: str
+    accepted: int
+    refused: int
+    total: int
+    how: str
+    codes: tuple[str, ...] = ()
+
+
+def cmd_release(
+    cfg: Config, entry_id: str, *, rewrite: bool, split: bool = False, out: TextIO = sys.stdout
+) -> int:
+    mode = "split" if split else "rewrite" if rewrite else "as_is"
+    r = release_now(cfg, entry_id, mode)
+    if r.result == "partial":
         print(
-            f"{e.id}: released {how} to {len(result.accepted)} of {len(env.rcpt_tos)} recipients; "
-            f"{len(refused)} refused ({', '.join(codes)}) stay held (fix: release again later, or delete)",
+            f"{entry_id}: released {r.how} to {r.accepted} of {r.total} recipients; "
+            f"{r.refused} refused ({', '.join(r.codes)}) stay held (fix: release again later, or delete)",
             file=out,
         )
         return EX_FAILED
-    q.audit("release", e.id, "released", rewrite=rewrite, accepted=len(result.accepted))
-    q.delete(e.id)
-    print(f"{e.id}: released {how} to {len(result.accepted)} recipients; removed from quarantine", file=out)
+    print(f"{entry_id}: released {r.how} to {r.accepted} recipients; removed from quarantine", file=out)
     return EX_OK
 
 
-def cmd_delete(cfg: Config, entry_id: str, *, out: TextIO = sys.stdout) -> int:
+def release_now(
+    cfg: Config, entry_id: str, mode: str, *, who: str | None = None, via: str | None = None
+) -> Released:
+    """Release one entry (blocking): lock it, deliver through [upstream], audit, then remove it.
+
+    The one release path of the CLI and the console (which calls it in a
+    worker thread), so both keep the same promise and write the same audit
+    log. Raises ReviewError when nothing was delivered; the entry is kept.
+    """
+    if mode not in RELEASE_MODES:
+        raise _fail(f"unknown release mode {mode!r} (fix: one of {', '.join(RELEASE_MODES)})")
     q = _store(cfg)
     e = _entry(q, entry_id)
     with _locked(q, e.id):
-        q.delete(e.id)
-        q.audit("delete", e.id, "deleted")
-    print(f"{e.id}: deleted", file=out)
+        return asyncio.run(_release(cfg, q, e, mode=mode, who=who, via=via))
+
+
+async def _release(
+    cfg: Config, q: Quarantine, e: Entry, *, mode: str, who: str | None, via: str | None
+) -> Released:
+    env = q.envelope(e.id)
+    data = q.message(e.id)
+    rewrite = mode != "as_is"
+    ctx: dict[str, Any] = {"rewrite": rewrite, "mode": mode, "who": who}
+    if via:
+        ctx["via"] = via
+    how = "as it was"
+    sends: list[tuple[tuple[str, ...], bytes]] = [(env.rcpt_tos, data)]
+    if rewrite:
+        block = parse_header(data)
+        rule, settings = select_rule(cfg.policy, env)
+        visible = tuple(visible_recipients(block))
+        verdict = decide_with(rule, settings, env, visible)
+        rewritten, hidden = rewrite_for(data, block, env, settings, verdict)
+        if mode == "rewrite":
+            sends = [(env.rcpt_tos, rewritten)]
+            how = f"rewritten ({hidden} addresses hidden)"
+        else:
+            verdict = replace(verdict, action=Action.SPLIT, hidden=hidden)
+            plan = split_for(block, visible, env, settings, verdict)
+            spec = plan.render_json()
+            sends = [(c.rcpts, render(data, spec, c.to, block=block)) for c in plan.copies]
+            how = f"split into {len(sends)} copies ({hidden} addresses hidden)"
+    accepted: list[str] = []
+    refused: dict[str, str] = {}
+    error = ""
+    upstream = open_upstream(cfg.upstream, hostname=cfg.server.hostname)
+    try:
+        for rcpts, body in sends:
+            try:
+                result = await upstream.deliver(
+                    env.mail_from, rcpts, body, smtputf8=env.smtputf8, eightbit=not body.isascii()
+                )
+            except UpstreamError as exc:
+                error = exc.kind + (f" ({exc.reply.code})" if exc.reply is not None else "")
+                refused.update((r, exc.kind) for r in rcpts)
+                continue
+            accepted.extend(result.accepted)
+            for r in rcpts:
+                if r not in result.accepted:
+                    rep = result.refused.get(r, result.reply)
+                    refused[r] = str(rep.code)
+    finally:
+        await upstream.close()
+    if not accepted:
+        q.audit("release", e.id, "failed", error=error or ",".join(sorted(set(refused.values()))), **ctx)
+        if error:
+            raise _fail(
+                f"release of {e.id} failed: upstream {error}; the entry is kept "
+                f"(fix: check upstream.url = {cfg.upstream.url!r} and retry)",
+                EX_FAILED,
+            )
+        raise _fail(
+            f"release of {e.id} failed: the upstream refused every recipient "
+            f"({','.join(sorted(set(refused.values())))}); "
+            "the entry is kept (fix: see the upstream's log, then retry or delete it)",
+            EX_FAILED,
+        )
+    if refused:
+        left = tuple(r for r in env.rcpt_tos if r in refused)
+        codes = tuple(sorted(set(refused.values())))
+        # Audit first: the accepted recipients have it now, whatever happens next.
+        q.audit("release", e.id, "partial", accepted=len(accepted), refused=len(left), **ctx)
+        q.narrow(e.id, left, f"released to {len(accepted)}; refused {','.join(codes)}")
+        return Released("partial", len(accepted), len(left), len(env.rcpt_tos), how, codes)
+    q.audit("release", e.id, "released", accepted=len(accepted), **ctx)
+    q.delete(e.id)
+    return Released("released", len(accepted), 0, len(env.rcpt_tos), how)
+
+
+def cmd_delete(cfg: Config, entry_id: str, *, out: TextIO = sys.stdout) -> int:
+    delete_now(cfg, entry_id)
+    print(f"{entry_id}: deleted", file=out)
     return EX_OK
 
 
+def delete_now(cfg: Config, entry_id: str, *, who: str | None = None, via: str | None = None) -> None:
+    """Remove one entry without delivering it, under the entry lock, audited (CLI and console)."""
+    q = _store(cfg)
+    e = _entry(q, entry_id)
+    extra = {"via": via} if via else {}
+    with _locked(q, e.id):
+        q.delete(e.id)
+        q.audit("delete", e.id, "deleted", who=who, **extra)
+
+
 def cmd_purge(cfg: Config, older_than: str, *, out: TextIO = sys.stdout) -> int:
-    try:
-        seconds = parse_duration(older_than)
-    except ValueError as exc:
-        raise _fail(f"--older-than: {exc} (fix: e.g. --older-than 30d)") from None
+    _duration(older_than)
     q = _store(cfg)
     if not q.path.is_dir():
         print(f"nothing to purge: {q.path} does not exist", file=out)
         return EX_OK
-    counts = {"entry": 0, "orphan": 0, "temp": 0}
-    for item, kind in q.purge(seconds):
-        counts[kind] += 1
-        q.audit("purge", item, "removed", kind=kind, older_than=older_than)
+    counts = purge_now(cfg, older_than)
     print(
         f"purged {counts['entry']} entries older than {older_than}, "
         f"{counts['orphan']} orphan messages, {counts['temp']} temp files",
         file=out,
     )
     return EX_OK
+
+
+def purge_now(
+    cfg: Config, older_than: str, *, who: str | None = None, via: str | None = None
+) -> dict[str, int]:
+    """Remove entries held longer than `older_than` ("30d"), each removal audited."""
+    seconds = _duration(older_than)
+    q = _store(cfg)
+    counts = {"entry": 0, "orphan": 0, "temp": 0}
+    if not q.path.is_dir():
+        return counts
+    extra = {"via": via} if via else {}
+    for item, kind in q.purge(seconds):
+        counts[kind] += 1
+        q.audit("purge", item, "removed", who=who, kind=kind, older_than=older_than, **extra)
+    return counts
+
+
+def _duration(older_than: str) -> float:
+    try:
+        return parse_duration(older_than)
+    except ValueError as exc:
+        raise _fail(f"--older-than: {exc} (fix: e.g. --older-than 30d)") from None

@@ -142,14 +142,17 @@ class Quarantine:
                 yield p.name, "temp"
 
     # ------------------------------------------------------------ audit log
-    def audit(self, what: str, entry_id: str, result: str, **detail: Any) -> None:
-        """Append one admin action to the audit log and fsync it before returning."""
+    def audit(self, what: str, entry_id: str, result: str, *, who: str | None = None, **detail: Any) -> None:
+        """Append one admin action to the audit log and fsync it before returning.
+
+        `who` is the console account acting; None means the OS user running the CLI.
+        """
         ensure_dir(self.path)
         now = time.time()
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
             "ts": round(now, 3),
-            "who": admin_user(),
+            "who": who or admin_user(),
             "what": what,
             "id": entry_id,
             "result": result,
