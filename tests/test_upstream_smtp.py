@@ -319,6 +319,21 @@ async def test_slow_data_reply_is_timeout_not_success(
     assert err.value.kind == "timeout"
 
 
+async def test_delivery_deadline_bounds_the_whole_transaction(
+    sink: Sink, make_upstream: MakeUpstream
+) -> None:
+    """Every step within `timeout`, the whole past `delivery_timeout`: a timeout, and the
+    connection (mid-transaction) is dropped, never pooled."""
+    sink.data_delay = 1.0
+    up = make_upstream(sink.url, timeout=5.0, delivery_timeout=0.3)
+    with pytest.raises(UpstreamError) as err:
+        await up.deliver(SENDER, ["r@x.test"], MESSAGE)
+    assert err.value.kind == "timeout" and "delivery_timeout" in str(err.value)
+    sink.data_delay = 0.0
+    await up.deliver(SENDER, ["r@x.test"], MESSAGE)
+    assert sink.connections == 2
+
+
 @pytest.mark.parametrize(
     "script",
     [

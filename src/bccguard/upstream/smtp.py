@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import ssl
 import time
@@ -152,6 +153,9 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.timeout = timeout
+        # Loop time by which the delivery in progress must be done (see
+        # SMTPUpstream.deliver); every wait is cut to it. inf between deliveries.
+        self.deadline = math.inf
         self.extensions: dict[str, str] = {}
         # True only while the protocol is known to be in sync (safe to pool).
         self.usable = False
@@ -203,7 +207,7 @@ class Connection:
             return replies
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.timeout) as limit:
+            async with asyncio.timeout_at(min(loop.time() + self.timeout, self.deadline)) as limit:
                 moved = loop.time()
                 seen = len(replies)
                 while True:
@@ -217,7 +221,7 @@ class Connection:
                         seen = len(replies)
                         now = loop.time()
                         if now - moved > 1.0:
-                            limit.reschedule(now + self.timeout)
+                            limit.reschedule(min(now + self.timeout, self.deadline))
                             moved = now
         except UpstreamError:
             raise
@@ -297,8 +301,12 @@ class Connection:
                 await self._drain()
 
     async def _drain(self) -> None:
-        async with _step(self.timeout, "message content"):
+        async with _step(self.budget(), "message content"):
             await self.writer.drain()
+
+    def budget(self) -> float:
+        """Seconds the next wait may take: `timeout`, or less when the delivery's deadline is nearer."""
+        return min(self.timeout, self.deadline - asyncio.get_running_loop().time())
 
     def alive(self) -> bool:
         """Cheap local check before reusing: no EOF, no error, no 421 seen, nothing unasked-for."""
@@ -431,16 +439,21 @@ class SMTPUpstream:
         # One deadline for the whole delivery (waiting for a pool slot included):
         # `timeout` bounds each step, but 30 RCPTs each answered just in time
         # would keep the client waiting past the 10 minutes RFC 5321 4.5.3.2.6
-        # gives it for the reply to its final dot. A connection cut by the
-        # deadline is aborted by `_put_back` (not usable mid-transaction).
+        # gives it for the reply to its final dot. No timer of its own (an
+        # asyncio.timeout costs ~5 us a delivery): every wait's own timer is
+        # cut to the deadline (Connection.deadline, budget()). A connection
+        # cut by it is aborted by `_put_back` (not usable mid-transaction).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.delivery_timeout
         try:
-            async with asyncio.timeout(self.delivery_timeout):
-                accepted, reply = await self._deliver(
-                    mail_from, valid, encoded, refused, utf8=utf8, eightbit=eightbit
-                )
-        except TimeoutError:
-            what = f"delivery not done within delivery_timeout {self.delivery_timeout:g}s"
-            raise UpstreamError("timeout", what) from None
+            accepted, reply = await self._deliver(
+                mail_from, valid, encoded, refused, deadline, utf8=utf8, eightbit=eightbit
+            )
+        except UpstreamError as exc:
+            if exc.kind == "timeout" and loop.time() >= deadline:
+                what = f"delivery not done within delivery_timeout {self.delivery_timeout:g}s"
+                raise UpstreamError("timeout", what) from None
+            raise
         return DeliveryResult(tuple(accepted), refused, reply, time.monotonic() - start)
 
     async def _deliver(
@@ -449,13 +462,15 @@ class SMTPUpstream:
         valid: list[str],
         encoded: Encoded,
         refused: dict[str, Reply],
+        deadline: float,
         *,
         utf8: bool,
         eightbit: bool,
     ) -> tuple[list[str], Reply]:
-        await self._acquire()  # not `async with self._slot()`: that costs 2 us a delivery
+        await self._acquire(deadline)  # not `async with self._slot()`: that costs 2 us a delivery
         try:
-            conn = await self._take()
+            conn = self._take_idle() or await self._connect(deadline)
+            conn.deadline = deadline
             try:
                 try:
                     return await self._transact(
@@ -463,7 +478,8 @@ class SMTPUpstream:
                     )
                 except _Stale:
                     conn.abort()
-                    conn = await self._connect()
+                    conn = await self._connect(deadline)
+                    conn.deadline = deadline
                     return await self._transact(
                         conn, mail_from, valid, encoded, refused, utf8=utf8, eightbit=eightbit
                     )
@@ -508,7 +524,7 @@ class SMTPUpstream:
         finally:
             self._release()
 
-    async def _acquire(self) -> None:
+    async def _acquire(self, deadline: float = math.inf) -> None:
         if self._closed:
             raise UpstreamError("connect", "upstream client is closed")
         if self._slots is None:
@@ -523,7 +539,7 @@ class SMTPUpstream:
         # their clients get 451 and retry later (the session limits bound
         # how many wait, and so the memory their messages hold).
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(min(self.timeout, deadline - asyncio.get_running_loop().time())):
                 await self._slots.acquire()
         except TimeoutError:
             what = f"no upstream connection free within {self.timeout:g}s (pool_size {self.pool_size})"
@@ -545,10 +561,8 @@ class SMTPUpstream:
             conn.abort()
         return None
 
-    async def _take(self) -> Connection:
-        return self._take_idle() or await self._connect()
-
     def _put_back(self, conn: Connection) -> None:
+        conn.deadline = math.inf
         if not conn.usable or not conn.alive():
             conn.abort()
         elif self._slots is None or self._closed:
@@ -571,19 +585,21 @@ class SMTPUpstream:
 
     # ------------------------------------------------------------ session setup
 
-    async def _connect(self) -> Connection:
-        """TCP (or implicit TLS) connect, greeting, EHLO, STARTTLS when required."""
+    async def _connect(self, deadline: float = math.inf) -> Connection:
+        """TCP (or implicit TLS) connect, greeting, EHLO, STARTTLS when required, by `deadline`."""
         implicit = self._tls if self.scheme == "smtps" else None
-        async with _step(self.timeout, "connect"):
+        budget = min(self.timeout, deadline - asyncio.get_running_loop().time())
+        async with _step(budget, "connect"):
             reader, writer = await asyncio.open_connection(
                 self.host,
                 self.port,
                 ssl=implicit,
                 server_hostname=self.host if implicit else None,
-                ssl_handshake_timeout=self.timeout if implicit else None,
+                ssl_handshake_timeout=max(budget, 0.001) if implicit else None,
                 limit=_STREAM_LIMIT,
             )
         conn = Connection(reader, writer, self.timeout)
+        conn.deadline = deadline
         try:
             greeting = await conn.read_reply("greeting")
             if greeting.code != 220:
@@ -623,9 +639,10 @@ class SMTPUpstream:
         # injected by a man in the middle (CVE-2011-0411 style): refuse it.
         if conn.pending() or bool(getattr(conn.reader, "_buffer", b"")):
             raise UpstreamError("protocol", "data after the STARTTLS reply")
-        async with _step(self.timeout, "STARTTLS handshake"):
+        budget = conn.budget()
+        async with _step(budget, "STARTTLS handshake"):
             await conn.writer.start_tls(
-                self._tls, server_hostname=self.host, ssl_handshake_timeout=self.timeout
+                self._tls, server_hostname=self.host, ssl_handshake_timeout=max(budget, 0.001)
             )
         conn.extensions = {}
         await self._ehlo(conn)  # RFC 3207 4.2: forget what was learnt in clear text
