@@ -139,7 +139,6 @@ SESSION_REFUSALS = {
     "greeting-554": {"greeting": b"554 5.3.2 no service here\r\n"},
     "ehlo-554": {"ehlo": b"554 5.7.1 go away\r\n"},
     "ehlo-and-helo-550": {"ehlo": b"550 5.5.1 what\r\n", "helo": b"550 5.7.1 not you\r\n"},
-    "greeting-421": {"greeting": b"421 4.3.2 busy\r\n"},
 }
 
 
@@ -164,6 +163,19 @@ async def test_refused_session_is_451_and_shown_in_readyz(
     assert not ready and "refused the session" in reason
     await served_afterwards(app, raw)
     assert app.readiness() == (True, "ready")
+
+
+async def test_busy_greeting_is_451_and_passes(start_relay: StartRelay, raw: RawUpstream) -> None:
+    """421 at the greeting is a passing deferral (kind "4xx"): 451, and /readyz stays up."""
+    app = await start_relay(raw.url, {"upstream": {"pool_size": 0}})  # each delivery meets a greeting
+    await served_afterwards(app, raw)
+    raw.delivered.clear()
+    raw.greeting = b"421 4.3.2 busy\r\n"
+    code, text = await send(app)
+    assert code == 451 and text.startswith(b"4.4.")
+    assert raw.delivered == [] and failures(app, "4xx") == 1 and failures(app, "5xx") == 0
+    assert app.readiness() == (True, "ready")
+    await served_afterwards(app, raw)
 
 
 async def test_refused_starttls_is_451(start_relay: StartRelay, raw: RawUpstream, tmp_path: Path) -> None:

@@ -90,12 +90,14 @@ class UpstreamError(Exception):
       tls       TLS handshake/verification failed, or STARTTLS required but unavailable
       protocol  the upstream's reply was malformed (over 512 octets, not ASCII,
                 not ended by CRLF, no valid code), or out of sequence
-      session   the upstream refused the session itself (greeting, EHLO/HELO, RSET):
-                never the message's fault, so never passed on as permanent
+      session   the upstream refused the session itself with a 5xx (greeting,
+                EHLO/HELO, RSET): never the message's fault, never passed on
+                as permanent
       capability  the message needs what the upstream does not offer (8BITMIME)
       storage   a local store (the Maildir outbox) could not be written;
                 `path` and `errno` say which and why
-      4xx/5xx   the upstream refused MAIL FROM, or DATA as a whole
+      4xx/5xx   the upstream deferred the session (4xx), or refused MAIL FROM
+                or DATA as a whole
                 (`reply` holds its answer): the only permanent refusals of a
                 message as a whole that may be passed on to the client
 
@@ -133,13 +135,20 @@ class UpstreamError(Exception):
 
     @classmethod
     def session_refused(cls, reason: str, reply: Reply) -> UpstreamError:
-        """A refusal of the session (greeting, EHLO/HELO, RSET), whatever its code.
+        """A refusal of the session (greeting, EHLO/HELO, RSET).
 
-        A 554 greeting says "not you, not now" to bccguard, not "this message
-        is undeliverable": passing it on would make the sender's MTA bounce
-        mail nothing was wrong with. The client hears 451 and retries.
+        A 554 greeting says "not you" to bccguard, not "this message is
+        undeliverable": passing it on would make the sender's MTA bounce mail
+        nothing was wrong with, so it is kind "session" (the client hears 451,
+        /readyz turns 503 at once: it will not cure itself). A 4xx refusal
+        ("421 busy") is the ordinary passing kind, "4xx"; anything else is
+        not SMTP ("protocol").
         """
-        return cls("session", reason, reply)
+        if reply.is_temporary:
+            return cls("4xx", reason, reply)
+        if reply.is_permanent:
+            return cls("session", reason, reply)
+        return cls("protocol", f"{reason}: unexpected reply {reply.code}", reply)
 
 
 class Upstream(Protocol):
