@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import string
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from bccguard.config import ConfigError, from_dict
 from bccguard.relay import reply_line
 from conftest import StartRelay, data_reply, message
 from disk_helpers import assert_no_address
-from sink import RawServer, self_signed_cert
+from sink import RawServer, self_signed_cert, server_tls_context
 
 SENDER = "news@corp.example"
 RCPTS = ["alice@corp.example", "bob@corp.example"]
@@ -51,6 +52,7 @@ class RawUpstream:
         self.rcpt = b"250 2.1.5 ok\r\n"
         self.rcpt_delay = 0.0
         self.final = b"250 2.0.0 queued as RAW1\r\n"
+        self.tls: ssl.SSLContext | None = None  # STARTTLS answered 220 really starts TLS
         self.delivered: list[bytes] = []
         self.commands: list[bytes] = []
         self.server = RawServer(self._converse)
@@ -73,6 +75,10 @@ class RawUpstream:
                 writer.write(self.helo)
             elif verb == b"STAR":
                 writer.write(self.starttls)
+                if self.tls is not None and self.starttls.startswith(b"220"):
+                    await writer.drain()
+                    await writer.start_tls(self.tls)
+                    continue
             elif verb == b"MAIL":
                 writer.write(self.mail)
             elif verb == b"RCPT":
@@ -99,6 +105,8 @@ class RawUpstream:
         fresh = RawUpstream()
         for name in ("greeting", "ehlo", "helo", "starttls", "mail", "rcpt", "rcpt_delay", "final"):
             setattr(self, name, getattr(fresh, name))
+        if self.tls is not None:
+            self.ehlo = GOOD_EHLO.replace(b"250 SIZE", b"250-STARTTLS\r\n250 SIZE")
 
 
 @pytest.fixture
@@ -179,9 +187,10 @@ async def test_busy_greeting_is_451_and_passes(start_relay: StartRelay, raw: Raw
 
 
 async def test_refused_starttls_is_451(start_relay: StartRelay, raw: RawUpstream, tmp_path: Path) -> None:
-    raw.ehlo = b"250-raw.test\r\n250-8BITMIME\r\n250 STARTTLS\r\n"
+    raw.ehlo = GOOD_EHLO.replace(b"250 SIZE", b"250-STARTTLS\r\n250 SIZE")
     raw.starttls = b"554 5.7.0 no TLS for you\r\n"
-    cert, _ = self_signed_cert(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
+    raw.tls = server_tls_context(cert, key)
     app = await start_relay(
         f"smtp+starttls://127.0.0.1:{raw.server.port}", {"upstream": {"ca_file": str(cert)}}
     )
@@ -190,6 +199,8 @@ async def test_refused_starttls_is_451(start_relay: StartRelay, raw: RawUpstream
     assert code == 451 and text.startswith(b"4.4.")
     assert raw.delivered == [] and failures(app, "tls") >= 1 and failures(app, "5xx") == 0
     assert_no_address(logs)
+    await served_afterwards(app, raw)
+    assert b"STAR" in raw.commands
 
 
 async def test_refusals_of_the_message_itself_stay_permanent(
@@ -299,6 +310,7 @@ async def test_eight_bit_mail_to_a_seven_bit_upstream_is_refused_and_warned(
         await app.runtime.relay.probe()  # start() already runs one; this one makes sure it is done
     (warned,) = {tuple(e["missing"]) for e in logs if e["event"] == "upstream_capability_missing"}
     assert warned == ("8BITMIME", "SMTPUTF8", "SIZE")
+    assert_no_address(logs)
     ready, reason = app.readiness()
     assert ready and "8BITMIME" in reason and "SMTPUTF8" in reason and "warning" in reason
 
