@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from bccguard.config import Config, parse_hostport
+from bccguard.ops.readiness import outbox_path, read_state, upstream_readiness
 
 ENV_WORKER = "BCCGUARD_WORKER"
 READY_TIMEOUT = 60.0  # seconds a worker may take to import, open stores and bind
@@ -263,8 +264,6 @@ class Supervisor:
         down = [w.index for w in self.workers if not w.ready]
         if down:
             return False, f"workers not running: {down}"
-        from bccguard.ops.readiness import outbox_path, read_state, upstream_readiness
-
         state = read_state(self._registry.collect())
         return upstream_readiness(state, now=time.time(), outbox=outbox_path(self.config.upstream))
 
