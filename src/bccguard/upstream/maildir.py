@@ -102,7 +102,7 @@ class MaildirUpstream:
         return DeliveryResult(tuple(valid), refused, REPLY_DELIVERED, time.monotonic() - start)
 
     async def probe(self) -> None:
-        """The Maildir exists (or can be created) and a file can be created in tmp/ and new/.
+        """The Maildir exists (or can be created) and a file can be created in it.
 
         A real create, not os.access(): root passes every permission check,
         and only a write finds a read-only or out-of-inodes file system.
@@ -128,11 +128,14 @@ class MaildirUpstream:
             (self.root / sub).mkdir(mode=0o700, exist_ok=True)
 
     def _try_write(self) -> None:
+        """Create and remove a file in tmp/ (never new/: readers list it), check new/ too."""
         self._ensure_dirs()
-        for sub in ("tmp", "new"):
-            probe = self.root / sub / f".probe.{os.getpid()}.{secrets.token_hex(4)}"
-            os.close(os.open(probe, _OPEN_FLAGS, 0o600))
-            probe.unlink()
+        probe = self.root / "tmp" / f".probe.{os.getpid()}.{secrets.token_hex(4)}"
+        os.close(os.open(probe, _OPEN_FLAGS, 0o600))
+        probe.unlink()
+        new = self.root / "new"
+        if not os.access(new, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "new/ not writable", str(new))
 
     def _unique_name(self) -> str:
         """time.M<usec>P<pid>Q<seq>R<random>.host, as the Maildir convention asks."""
