@@ -267,6 +267,7 @@ async def test_entry_whose_journal_names_every_copy_is_removed(
     for c in spool.entry(eid).copies:
         spool.delivered(eid, c)
     app = await start_relay(sink.url, SPLIT)
-    await eventually(lambda: not (tmp_path / "spool" / f"{eid}.json").exists(), what="entry removed")
-    assert not (tmp_path / "spool" / f"{eid}.done").exists()
+    # The runner's thread unlinks .json first and the journal last: wait for both.
+    entry, journal = tmp_path / "spool" / f"{eid}.json", tmp_path / "spool" / f"{eid}.done"
+    await eventually(lambda: not entry.exists() and not journal.exists(), what="entry removed")
     assert sink.messages == [] and app.runtime.spool.entries() == []

@@ -98,11 +98,13 @@ async def test_disk_error_is_temporary(tmp_path: Path) -> None:
     up = MaildirUpstream(root, hostname="relay.test")
     with pytest.raises(UpstreamError) as err:
         await up.deliver("s@x.test", ["a@x.test"], MESSAGE)
-    assert err.value.kind == "4xx"
+    assert err.value.kind == "storage"
     assert err.value.reply == Reply(451, "4.3.0 Local storage failure, try again later")
+    assert (err.value.path, err.value.errno) == (str(root / "tmp"), "EEXIST")
     assert "@" not in str(err.value)
-    with pytest.raises(UpstreamError):
+    with pytest.raises(UpstreamError) as err:
         await up.probe()
+    assert err.value.kind == "storage"
 
 
 async def test_failure_midway_leaves_nothing(
@@ -113,7 +115,7 @@ async def test_failure_midway_leaves_nothing(
     monkeypatch.setattr(up, "_unique_name", lambda: "same-name")  # second O_EXCL open fails
     with pytest.raises(UpstreamError) as err:
         await up.deliver("s@x.test", ["a@x.test", "b@x.test"], MESSAGE)
-    assert err.value.kind == "4xx"
+    assert err.value.kind == "storage"
     assert list((tmp_path / "md" / "tmp").iterdir()) == []
     assert list((tmp_path / "md" / "new").iterdir()) == []
 

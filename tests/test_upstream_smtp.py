@@ -319,6 +319,21 @@ async def test_slow_data_reply_is_timeout_not_success(
     assert err.value.kind == "timeout"
 
 
+async def test_delivery_deadline_bounds_the_whole_transaction(
+    sink: Sink, make_upstream: MakeUpstream
+) -> None:
+    """Every step within `timeout`, the whole past `delivery_timeout`: a timeout, and the
+    connection (mid-transaction) is dropped, never pooled."""
+    sink.data_delay = 1.0
+    up = make_upstream(sink.url, timeout=5.0, delivery_timeout=0.3)
+    with pytest.raises(UpstreamError) as err:
+        await up.deliver(SENDER, ["r@x.test"], MESSAGE)
+    assert err.value.kind == "timeout" and "delivery_timeout" in str(err.value)
+    sink.data_delay = 0.0
+    await up.deliver(SENDER, ["r@x.test"], MESSAGE)
+    assert sink.connections == 2
+
+
 @pytest.mark.parametrize(
     "script",
     [
@@ -342,16 +357,24 @@ async def test_garbage_is_protocol_error(make_upstream: MakeUpstream, script: by
     assert err.value.kind == "protocol"
 
 
-async def test_greeting_refusal_is_refusal(make_upstream: MakeUpstream) -> None:
+@pytest.mark.parametrize(
+    ("greeting", "kind"),
+    [(b"421 4.3.2 too busy\r\n", "4xx"), (b"554 5.3.2 no service\r\n", "session")],
+)
+async def test_greeting_refusal_is_a_session_refusal(
+    make_upstream: MakeUpstream, greeting: bytes, kind: str
+) -> None:
+    """A refused greeting says nothing about the message: never "5xx"."""
+
     async def busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"421 4.3.2 too busy\r\n")
+        writer.write(greeting)
 
     async with RawServer(busy) as srv:
         up = make_upstream(f"smtp://127.0.0.1:{srv.port}")
         with pytest.raises(UpstreamError) as err:
             await up.deliver(SENDER, ["r@x.test"], MESSAGE)
-    assert err.value.kind == "4xx"
-    assert err.value.reply == Reply(421, "4.3.2 too busy")
+    assert err.value.kind == kind
+    assert err.value.reply == Reply(int(greeting[:3]), greeting[4:-2].decode())
 
 
 async def test_drop_before_data_reply_is_never_success(
@@ -579,8 +602,23 @@ async def test_size_8bitmime_smtputf8_parameters(sink: Sink, make_upstream: Make
 async def test_parameters_only_when_advertised(sink: Sink, make_upstream: MakeUpstream) -> None:
     await sink.stop()
     async with Sink(size=None, eightbitmime=False) as bare:
-        await make_upstream(bare.url).deliver(SENDER, ["r@x.test"], MESSAGE, eightbit=True)
+        await make_upstream(bare.url).deliver(SENDER, ["r@x.test"], MESSAGE)
         assert bare.messages[0].mail_options == []
+
+
+async def test_eight_bit_content_never_goes_to_a_seven_bit_upstream(make_upstream: MakeUpstream) -> None:
+    """RFC 6152: no 8BITMIME, no 8-bit body; refused before MAIL, the connection stays usable."""
+    async with Sink(eightbitmime=False) as bare:
+        up = make_upstream(bare.url)
+        with pytest.raises(UpstreamError) as err:
+            await up.deliver(SENDER, ["r@x.test"], b"Subject: caf\xc3\xa9\r\n\r\n\xc3\xa9\r\n", eightbit=True)
+        assert err.value.kind == "capability"
+        assert err.value.reply is not None
+        assert err.value.reply.line().startswith("451 4.6.3 ")
+        assert "MAIL" not in bare.verbs and bare.messages == []
+        assert up.missing_capabilities(25 * 1024 * 1024) == ("8BITMIME",)
+        await up.deliver(SENDER, ["r@x.test"], MESSAGE)
+        assert bare.connections == 1
 
 
 async def test_smtputf8_needed_but_not_offered_fails_permanently(
@@ -789,9 +827,9 @@ async def test_group_replies_of_every_shape_in_any_segments(
         b"452 4.2.2 full\r\n",
         b"250 ok\r\n",
         b"250\r\n",  # no text at all
-        b"250 " + b"x" * 2042 + b"\r\n",  # 2048 octets: the longest line allowed
+        b"250 " + b"x" * 506 + b"\r\n",  # 512 octets: the longest line RFC 5321 allows
         b"252 2.1.5 cannot verify\r\n",
-        b"250 2.1.5 ok\n",  # bare LF
+        b"250 2.1.5 ok\tand a tab\r\n",  # HT is text too (RFC 5321 4.2)
     ]
     group = b"250 2.1.0 ok\r\n" + b"".join(rcpt_replies) + b"354 go ahead\r\n"
     peer = GroupPeer([group], cut)

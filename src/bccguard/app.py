@@ -23,6 +23,7 @@ from bccguard.config import Config, ConfigError, load, parse_hostport
 from bccguard.notify import Notifier
 from bccguard.ops.logs import get_logger
 from bccguard.ops.metrics import Metrics
+from bccguard.ops.readiness import outbox_path, read_state, upstream_readiness
 from bccguard.relay import Runtime
 from bccguard.retry import Retrier
 from bccguard.smtp.auth import Credentials, CredentialsError
@@ -34,7 +35,6 @@ from bccguard.systemd import notify
 from bccguard.upstream import open_upstream
 from bccguard.workers import WorkerRole
 
-READY_UPSTREAM_WINDOW = 60.0
 PROBE_INTERVAL = 15.0
 
 
@@ -161,10 +161,8 @@ class App:
     def readiness(self) -> tuple[bool, str]:
         if self.server is None or not self.server.is_serving():
             return False, "SMTP listener not up"
-        last_ok = getattr(self.metrics, "upstream_last_ok", 0.0) or 0.0
-        if time.monotonic() - last_ok > READY_UPSTREAM_WINDOW:
-            return False, "upstream not reachable recently"
-        return True, "ready"
+        state = read_state(self.metrics.registry.collect())
+        return upstream_readiness(state, now=time.time(), outbox=outbox_path(self.runtime.config.upstream))
 
     async def _watch_upstream(self) -> None:
         """Probe the upstream when traffic has not shown it alive lately.
@@ -177,13 +175,7 @@ class App:
             if time.monotonic() - last_ok < PROBE_INTERVAL:
                 await asyncio.sleep(PROBE_INTERVAL)
                 continue
-            try:
-                await asyncio.wait_for(self.runtime.upstream.probe(), self.runtime.config.upstream.timeout)
-                self.metrics.upstream_ok()
-            except Exception as exc:  # any failure means "not ready"; the reason is logged
-                self.log.warning(
-                    "upstream_probe_failed", error=type(exc).__name__, kind=getattr(exc, "kind", "")
-                )
+            await self.runtime.relay.probe()  # logs and records what it finds (/readyz)
             await asyncio.sleep(PROBE_INTERVAL)
 
     async def _watch_stores(self) -> None:

@@ -91,6 +91,17 @@ def _positive(v: int | float) -> int | float:
     return v
 
 
+# RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to its final
+# dot; the whole upstream delivery must end well before that.
+CLIENT_FINAL_REPLY_WAIT = 600.0
+
+
+def _delivery_timeout(v: int | float) -> float:
+    if not 0 < v < CLIENT_FINAL_REPLY_WAIT:
+        raise ValueError(f"{v} is not between 0 and {CLIENT_FINAL_REPLY_WAIT:g} seconds")
+    return float(v)
+
+
 def _non_negative(v: int) -> int:
     if v < 0:
         raise ValueError(f"{v} is negative")
@@ -260,6 +271,11 @@ class UpstreamConfig:
         ),
     )
     timeout: float = field(default=60.0, metadata=_check(_positive, "seconds, e.g. 60"))
+    # One deadline for the whole delivery of a message, however many steps it takes.
+    delivery_timeout: float = field(
+        default=120.0,
+        metadata=_check(_delivery_timeout, "seconds, under the 600 a client waits for its reply, e.g. 120"),
+    )
     helo_name: str = ""
     verify_tls: bool = True
     ca_file: str = ""

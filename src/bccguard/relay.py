@@ -9,13 +9,22 @@ line the client gets. Every branch ends in exactly one of:
   rest sit fsync'ed in the spool (4xx refusals, retried) or as a DSN there
   (5xx refusals, reported to the sender);
 - 250 after the quarantine entry is on disk;
-- 451 4.x.x when anything upstream or local failed temporarily (client retries);
-- the upstream's own 5xx, or our 550 5.7.1 for a policy reject.
+- 451 4.x.x when anything upstream or local failed temporarily (client
+  retries): 451 4.3.0 when a store could not be written, 451 4.4.x when the
+  upstream refused the session, broke the protocol or missed the deadline;
+- the upstream's own 5xx to MAIL, RCPT or DATA (never to its greeting or
+  EHLO), or our 550 5.7.1 for a policy reject.
+
+Every reply carrying text bccguard did not write (the upstream's, a rule's
+reason) leaves through `reply_line`, the one place that makes it valid RFC
+5321 text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import itertools
 import os
 import re
@@ -41,6 +50,8 @@ from bccguard.upstream import DeliveryResult, Reply, Upstream, UpstreamError
 
 TEMPFAIL = {
     "connect": "451 4.4.1 Upstream mail server unreachable, try again later",
+    # RFC 3463 X.4.1: the remote system was "busy, or otherwise unable to take a call".
+    "session": "451 4.4.1 Upstream mail server refused the session, try again later",
     "timeout": "451 4.4.2 Upstream mail server timed out, try again later",
     "tls": "451 4.4.1 Upstream TLS negotiation failed, try again later",
     "protocol": "451 4.4.2 Upstream mail server connection broken, try again later",
@@ -51,8 +62,31 @@ INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 DISK_ERROR = "451 4.3.0 Could not store the message, try again later"
 
 
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF.
+MAX_REPLY = 510
+_NOT_TEXT = re.compile(r"[^\t\x20-\x7e]")  # RFC 5321 4.2 textstring: HT and printable ASCII
+_ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?=\s|$)")
+
+
 def reply_line(code: int, text: str) -> str:
-    return f"{code} {redact(text)}".rstrip()
+    """The one door for reply text bccguard did not write itself: valid RFC 5321, no address.
+
+    Upstream texts (and rule reasons from the config) may quote addresses,
+    carry 8-bit bytes, several lines, or an enhanced code of another class
+    ("550 4.1.1"); the client must get none of that. The result is one line
+    of printable ASCII, at most 512 octets with the CRLF, whose enhanced
+    status code (RFC 3463/2034) has the basic code's class.
+    """
+    if not (200 <= code <= 599 and code // 10 % 10 <= 5):
+        raise ValueError(f"{code} is not an SMTP reply code")
+    cls = str(code // 100)
+    text = _NOT_TEXT.sub("?", redact(text))
+    m = _ENHANCED.match(text)
+    if m is None:
+        text = f"{cls}.0.0 {text}"
+    elif m.group(1) != cls:
+        text = f"{cls}.0.0 {text[m.end() :].lstrip()}"
+    return f"{code} {text}".rstrip()[:MAX_REPLY]
 
 
 @dataclass
@@ -96,6 +130,7 @@ class Runtime:
 class Relay:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        self._missing_warned: tuple[str, ...] = ()
 
     async def process(
         self,
@@ -202,18 +237,18 @@ class Relay:
         v = outcome.verdict
         rt = self.rt
         if v.action is Action.REJECT:
-            return f"550 5.7.1 {v.reason} (bccguard rule {v.rule})", {}
+            return reply_line(550, f"5.7.1 {v.reason} (bccguard rule {v.rule})"), {}
         if v.action is Action.QUARANTINE:
             try:
                 entry_id = await asyncio.to_thread(
                     rt.quarantine.put, outcome.message, env, v, session_id=session_id
                 )
             except OSError as exc:
-                rt.log.error("quarantine_write_failed", session_id=session_id, error=exc.strerror)
+                self._store_failed("quarantine", exc, session_id)
                 return DISK_ERROR, {}
             rt.metrics.quarantine_set(*await asyncio.to_thread(rt.quarantine.depth))
             return (
-                f"250 2.6.0 Held for review as {entry_id}: {v.reason}",
+                reply_line(250, f"2.6.0 Held for review as {entry_id}: {v.reason}"),
                 {"quarantine_id": entry_id},
             )
         if v.action is Action.SPLIT:
@@ -239,7 +274,7 @@ class Relay:
                 smtputf8=env.smtputf8, origin=session_id,
             )  # fmt: skip
         except OSError as exc:
-            rt.log.error("spool_write_failed", session_id=session_id, error=exc.strerror)
+            self._store_failed("spool", exc, session_id)
             return DISK_ERROR, {}
         n = len(plan.copies)
         rt.metrics.split_copy("created", n)
@@ -259,13 +294,7 @@ class Relay:
                 eightbit=not message.isascii(),
             )
         except UpstreamError as exc:
-            rt.metrics.upstream_failure(exc.kind)
-            fields = {"upstream_error": exc.kind, "upstream_ms": _ms(t0)}
-            if exc.reply is not None:
-                fields["upstream_code"] = exc.reply.code
-            if exc.kind == "5xx" and exc.reply is not None and exc.reply.is_permanent:
-                return reply_line(exc.reply.code, exc.reply.text), fields
-            return TEMPFAIL.get(exc.kind, TEMPFAIL["protocol"]), fields
+            return self._upstream_failed(exc, session_id, t0)
         rt.metrics.upstream_delivery(result.elapsed)
         rt.metrics.upstream_ok()
         fields = {
@@ -284,6 +313,78 @@ class Relay:
             return await self._partial(message, env, result, session_id, fields)
         return reply_line(250, _ok_text(result.reply)), fields
 
+    def _upstream_failed(self, exc: UpstreamError, session_id: str, t0: float) -> tuple[str, dict[str, Any]]:
+        """The reply for a delivery that failed as a whole.
+
+        Only a refusal of this message's MAIL or DATA ("5xx") is passed on
+        as permanent; a refused session, a broken protocol or a missed
+        deadline is the relay's or upstream's trouble, not the message's.
+        """
+        rt = self.rt
+        fields: dict[str, Any] = {"upstream_error": exc.kind, "upstream_ms": _ms(t0)}
+        if exc.reply is not None:
+            fields["upstream_code"] = exc.reply.code
+        rt.metrics.upstream_failure(exc.kind)
+        if exc.kind == "storage":  # the Maildir outbox: a store, not an upstream
+            rt.log.error("outbox_write_failed", session_id=session_id, path=exc.path, errno=exc.errno,
+                         error=str(exc))  # fmt: skip
+            return DISK_ERROR, fields
+        if exc.kind == "capability":
+            self.check_capabilities()
+        if exc.kind in ("5xx", "capability") and exc.reply is not None and exc.reply.code >= 400:
+            return reply_line(exc.reply.code, exc.reply.text), fields
+        return TEMPFAIL.get(exc.kind, TEMPFAIL["protocol"]), fields
+
+    def _store_failed(self, store: str, exc: OSError, session_id: str) -> None:
+        """A write bccguard's 250 would have depended on failed: count it, name path and errno."""
+        rt = self.rt
+        rt.metrics.store_write_failure(store)
+        rt.log.error(
+            f"{store}_write_failed",
+            session_id=session_id,
+            path=str(exc.filename or ""),
+            errno=errno.errorcode.get(exc.errno or 0, ""),
+            error=exc.strerror or type(exc).__name__,
+        )
+
+    async def probe(self) -> None:
+        """Check the upstream (when traffic has not shown it alive): feeds /readyz and warnings."""
+        rt = self.rt
+        try:
+            await asyncio.wait_for(rt.upstream.probe(), rt.config.upstream.timeout)
+        except UpstreamError as exc:
+            rt.metrics.upstream_failure_seen(exc.kind)
+            extra = {"path": exc.path, "errno": exc.errno} if exc.kind == "storage" else {}
+            rt.log.warning("upstream_probe_failed", error=str(exc), kind=exc.kind, **extra)
+            return
+        except Exception as exc:  # any failure means "not ready"; the reason is logged
+            if isinstance(exc, TimeoutError):
+                rt.metrics.upstream_failure_seen("timeout")
+            rt.log.warning("upstream_probe_failed", error=type(exc).__name__, kind="")
+            return
+        rt.metrics.upstream_ok()
+        self.check_capabilities()
+
+    def check_capabilities(self) -> None:
+        """Warn (log and /readyz) when the upstream lacks what bccguard advertises to clients.
+
+        Once per change, not per probe: the first probe runs at start-up, so a
+        mismatch shows there; a reload builds a new Relay and warns again.
+        """
+        rt = self.rt
+        missing = rt.upstream.missing_capabilities(rt.config.server.max_message_size)
+        if missing is None:
+            return
+        rt.metrics.upstream_capabilities(missing)
+        if missing and missing != self._missing_warned:
+            rt.log.warning(
+                "upstream_capability_missing",
+                missing=list(missing),
+                note="bccguard advertises these to its clients; mail needing them is refused "
+                "(8-bit: 451 4.6.3, UTF-8 addresses: 550 5.6.7, size: 552 5.3.4)",
+            )
+        self._missing_warned = missing
+
     async def _partial(
         self,
         message: bytes,
@@ -301,10 +402,12 @@ class Relay:
         rt = self.rt
         temp = tuple(r for r, rep in result.refused.items() if not rep.is_permanent)
         perm = [(r, rep) for r, rep in result.refused.items() if rep.is_permanent]
+        fields.update(deferred=len(temp), bounced=len(perm))
+        retry_id = ""
         try:
             if temp:
                 first = result.refused[temp[0]]
-                await asyncio.to_thread(
+                retry_id = await asyncio.to_thread(
                     rt.spool.put,
                     message,
                     env.mail_from,
@@ -327,11 +430,16 @@ class Relay:
                     rt.spool.put, dsn, "", (env.mail_from,), kind="dsn", origin=session_id
                 )
         except OSError as exc:
-            # The accepted recipients have the message; the others cannot be
-            # recorded. A 4xx would make the client resend to everyone, so the
-            # least-bad answer is the truth for the majority, loudly logged.
-            rt.log.error("spool_write_failed", session_id=session_id, error=exc.strerror)
-        fields.update(deferred=len(temp), bounced=len(perm))
+            # A 250 now would lose mail: the deferred recipients would never
+            # get it, or the sender never learn of the refusal. 451 makes the
+            # client send the whole message again: a duplicate for those the
+            # upstream took, never a loss. The retry copy already written
+            # goes, so the resend is the only copy (best effort: the disk is failing).
+            self._store_failed("spool", exc, session_id)
+            if retry_id:
+                with contextlib.suppress(OSError, ValueError):
+                    await asyncio.to_thread(rt.spool.done, retry_id)
+            return DISK_ERROR, fields
         text = (
             f"2.0.0 Ok: accepted for {len(result.accepted)} of {len(env.rcpt_tos)} recipients; "
             f"{len(temp)} deferred and retried, {len(perm)} refused (the sender gets a report)"

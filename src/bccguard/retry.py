@@ -180,7 +180,9 @@ class Retrier:
             )
         except UpstreamError as exc:
             rt.metrics.upstream_failure(exc.kind)
-            if exc.reply is not None and exc.reply.is_permanent:
+            # Only a refusal of this copy's MAIL or DATA is final; a refused
+            # session (even a 554 greeting) is retried like any outage.
+            if exc.kind == "5xx" and exc.reply is not None and exc.reply.is_permanent:
                 return [_failed(c, c.rcpts, exc.reply)], None
             error = f"upstream {exc.kind}" + (f" {exc.reply.code}" if exc.reply is not None else "")
             return self._defer(entry, c, error), error

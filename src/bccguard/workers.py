@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from bccguard.config import Config, parse_hostport
+from bccguard.ops.readiness import outbox_path, read_state, upstream_readiness
 
 ENV_WORKER = "BCCGUARD_WORKER"
 READY_TIMEOUT = 60.0  # seconds a worker may take to import, open stores and bind
@@ -263,15 +264,8 @@ class Supervisor:
         down = [w.index for w in self.workers if not w.ready]
         if down:
             return False, f"workers not running: {down}"
-        last = 0.0
-        for metric in self._registry.collect():
-            if metric.name == "bccguard_upstream_last_success_timestamp_seconds":
-                last = max((s.value for s in metric.samples), default=0.0)
-        from bccguard.app import READY_UPSTREAM_WINDOW
-
-        if time.time() - last > READY_UPSTREAM_WINDOW:
-            return False, "upstream not reachable recently"
-        return True, "ready"
+        state = read_state(self._registry.collect())
+        return upstream_readiness(state, now=time.time(), outbox=outbox_path(self.config.upstream))
 
     # ------------------------------------------------------------ run
 

@@ -46,7 +46,16 @@ PREFIX: Final = "bccguard"
 ACTIONS: Final = ("pass", "audit", "rewrite", "split", "quarantine", "reject", "tempfail")
 # Actions that change or stop a message: an exposure with one of these was prevented.
 PREVENTING_ACTIONS: Final = ("rewrite", "split", "quarantine", "reject", "tempfail")
-UPSTREAM_FAILURE_KINDS: Final = ("connect", "timeout", "tls", "protocol", "4xx", "5xx")
+UPSTREAM_FAILURE_KINDS: Final = (
+    "connect", "timeout", "tls", "protocol", "session", "capability", "4xx", "5xx",
+)  # fmt: skip
+# The last-failure gauge also knows "storage": a Maildir outbox that cannot be
+# written is counted as a store failure, not an upstream one, but /readyz must see it.
+UPSTREAM_STATE_KINDS: Final = (*UPSTREAM_FAILURE_KINDS, "storage")
+# What bccguard advertises to its clients that an upstream may lack (upstream.ADVERTISED).
+CAPABILITIES: Final = ("8BITMIME", "SMTPUTF8", "SIZE")
+# Where a message bccguard promised to keep is written: a failed write is a 451 4.3.0.
+STORES: Final = ("spool", "quarantine", "outbox")
 CONNECTION_RESULTS: Final = (
     "accepted",
     "refused_network",
@@ -225,6 +234,27 @@ class Metrics:
             "Unix time of the last successful upstream transaction.",
             registry=r, multiprocess_mode="max",
         )  # fmt: skip
+        # /readyz compares these with the last success (ops/readiness.py).
+        last_failure = Gauge(
+            f"{p}_upstream_last_failure_timestamp_seconds",
+            "Unix time of the last failed upstream transaction or probe, by kind.",
+            ["kind"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self._upstream_last_failure = {
+            k: c for (k,), c in _children(last_failure, UPSTREAM_STATE_KINDS).items()
+        }
+        missing = Gauge(
+            f"{p}_upstream_capability_missing",
+            "1 when the upstream lacks an extension bccguard advertises to its clients.",
+            ["capability"], registry=r, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self._capability_missing = {k: c for (k,), c in _children(missing, CAPABILITIES).items()}
+        store_failures = Counter(
+            f"{p}_store_write_failures",
+            "Writes to the spool, quarantine or Maildir outbox that failed (the client got 451 4.3.0).",
+            ["store"], registry=r,
+        )  # fmt: skip
+        self._store_failures = {k: c for (k,), c in _children(store_failures, STORES).items()}
 
         # --- SMTP front end
         self._sessions_active = Gauge(
@@ -383,8 +413,30 @@ class Metrics:
         self._upstream_seconds.observe(seconds)
 
     def upstream_failure(self, kind: str) -> None:
-        """An upstream transaction failed: no answer (connect/timeout/tls/protocol) or 4xx/5xx."""
-        _get(self._upstream_failures, kind, "upstream failure kind").inc()
+        """An upstream transaction failed: no answer (connect/timeout/tls/protocol) or 4xx/5xx.
+
+        "storage" (the Maildir outbox could not be written) is counted as the
+        store failure it is, not as an upstream one.
+        """
+        if kind == "storage":
+            self._store_failures["outbox"].inc()
+        else:
+            _get(self._upstream_failures, kind, "upstream failure kind").inc()
+        self._upstream_last_failure[kind].set(time.time())
+
+    def upstream_failure_seen(self, kind: str) -> None:
+        """A failure /readyz must know of that is no upstream transaction (a probe, the outbox)."""
+        _get(self._upstream_last_failure, kind, "upstream failure kind").set(time.time())
+
+    def upstream_capabilities(self, missing: Iterable[str]) -> None:
+        """What the upstream lacks of CAPABILITIES, as its latest EHLO said."""
+        gone = set(missing)
+        for name, gauge in self._capability_missing.items():
+            gauge.set(1 if name in gone else 0)
+
+    def store_write_failure(self, store: str) -> None:
+        """A message could not be made durable in `store`; the client got 451 4.3.0."""
+        _get(self._store_failures, store, "store").inc()
 
     def upstream_ok(self) -> None:
         """The upstream accepted something just now; feeds /readyz and the staleness gauge."""
@@ -474,6 +526,7 @@ def exposition_registry(metrics: Metrics) -> CollectorRegistry:
 
 __all__ = [
     "ACTIONS",
+    "CAPABILITIES",
     "CONNECTION_RESULTS",
     "DEFAULT_RULE",
     "MAX_RULES",
@@ -485,7 +538,9 @@ __all__ = [
     "REPLY_CLASSES",
     "SPLIT_COPY_EVENTS",
     "SPOOL_KINDS",
+    "STORES",
     "UPSTREAM_FAILURE_KINDS",
+    "UPSTREAM_STATE_KINDS",
     "Metrics",
     "exposition_registry",
     "multiprocess_dir",

@@ -9,6 +9,7 @@ is customer data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -42,6 +43,9 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise
     finally:
         os.close(fd)
 
@@ -55,9 +59,12 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a failing disk may refuse this too
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(tmp)  # os.write/fsync name no file: the log must
         raise
     os.close(fd)
     tmp.replace(path)

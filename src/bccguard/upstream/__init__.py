@@ -19,7 +19,13 @@ from bccguard.config import UpstreamConfig, upstream_parts
 # RFC 3463 class.subject.detail at the start of the text.
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?=\s|$)")
 
-ErrorKind = Literal["connect", "timeout", "tls", "protocol", "4xx", "5xx"]
+ErrorKind = Literal[
+    "connect", "timeout", "tls", "protocol", "session", "capability", "storage", "4xx", "5xx"
+]
+
+# What bccguard's own EHLO promises its clients (aiosmtpd with decode_data=False
+# offers 8BITMIME; SMTPUTF8 and SIZE are switched on in smtp/protocol_init.py).
+ADVERTISED = ("8BITMIME", "SMTPUTF8", "SIZE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,27 +88,66 @@ class UpstreamError(Exception):
       connect   could not connect, or the connection was lost mid-session
       timeout   a network step took longer than upstream.timeout
       tls       TLS handshake/verification failed, or STARTTLS required but unavailable
-      protocol  the upstream's reply was malformed, too long, or out of sequence
-      4xx/5xx   the upstream refused the session, MAIL FROM, or DATA as a whole
-                (`reply` holds its answer)
+      protocol  the upstream's reply was malformed (over 512 octets, not ASCII,
+                not ended by CRLF, no valid code), or out of sequence
+      session   the upstream refused the session itself with a 5xx (greeting,
+                EHLO/HELO, RSET): never the message's fault, never passed on
+                as permanent
+      capability  the message needs what the upstream does not offer (8BITMIME)
+      storage   a local store (the Maildir outbox) could not be written;
+                `path` and `errno` say which and why
+      4xx/5xx   the upstream deferred the session (4xx), or refused MAIL FROM
+                or DATA as a whole
+                (`reply` holds its answer): the only permanent refusals of a
+                message as a whole that may be passed on to the client
 
     A connection lost after the final "." was sent may still have delivered
     the message; it is reported as an error anyway (a duplicate beats a loss).
     """
 
-    def __init__(self, kind: ErrorKind, reason: str, reply: Reply | None = None) -> None:
+    def __init__(
+        self,
+        kind: ErrorKind,
+        reason: str,
+        reply: Reply | None = None,
+        *,
+        path: str = "",
+        errno: str = "",
+    ) -> None:
         # Only the codes: reply texts often quote the address ("<bob@x>: unknown").
         super().__init__(reason if reply is None else f"{reason} ({reply.status()})")
         self.kind: ErrorKind = kind
         self.reply = reply
+        self.path = path  # storage: the file or directory that failed
+        self.errno = errno  # storage: "ENOSPC", "EROFS", ...
 
     @classmethod
     def refused(cls, reason: str, reply: Reply) -> UpstreamError:
-        """4xx/5xx error from a reply (codes outside those ranges are protocol errors)."""
+        """4xx/5xx error from a reply (codes outside those ranges are protocol errors).
+
+        Only for replies to MAIL, RCPT or DATA of the message: see `session_refused`.
+        """
         if reply.is_temporary:
             return cls("4xx", reason, reply)
         if reply.is_permanent:
             return cls("5xx", reason, reply)
+        return cls("protocol", f"{reason}: unexpected reply {reply.code}", reply)
+
+    @classmethod
+    def session_refused(cls, reason: str, reply: Reply) -> UpstreamError:
+        """A refusal of the session (greeting, EHLO/HELO, RSET).
+
+        A 554 greeting says "not you" to bccguard, not "this message is
+        undeliverable": passing it on would make the sender's MTA bounce mail
+        nothing was wrong with, so it is kind "session" (the client hears 451,
+        /readyz turns 503 at once: it will not cure itself). A 4xx refusal
+        ("421 busy") is the ordinary passing kind, "4xx"; anything else is
+        not SMTP ("protocol").
+        """
+        if reply.is_temporary:
+            return cls("4xx", reason, reply)
+        if reply.is_permanent:
+            return cls("session", reason, reply)
         return cls("protocol", f"{reason}: unexpected reply {reply.code}", reply)
 
 
@@ -122,6 +167,12 @@ class Upstream(Protocol):
     async def probe(self) -> None:
         """Cheap reachability check for /readyz; raises UpstreamError."""
 
+    def missing_capabilities(self, max_size: int) -> tuple[str, ...] | None:
+        """Which of ADVERTISED the upstream lacks ("SIZE": a fixed limit below `max_size`).
+
+        None until a connection told (after the first probe or delivery).
+        """
+
     async def close(self) -> None:
         """Release connections (QUIT pooled ones)."""
 
@@ -132,6 +183,20 @@ def significant_refusal(replies: Sequence[Reply]) -> Reply:
         if not r.is_permanent:
             return r
     return replies[0]
+
+
+def capability_gaps(extensions: dict[str, str], max_size: int) -> tuple[str, ...]:
+    """Of what bccguard advertises, what an upstream with these EHLO keywords lacks.
+
+    A gap means some message bccguard accepts cannot go upstream as it is:
+    8-bit content (answered 451 4.6.3), a UTF-8 address (550 5.6.7), or a
+    size between the upstream's limit and ours (552 5.3.4).
+    """
+    gaps = [k for k in ("8BITMIME", "SMTPUTF8") if k not in extensions]
+    limit = extensions.get("SIZE", "")
+    if limit.isdigit() and 0 < int(limit) < max_size:
+        gaps.append("SIZE")
+    return tuple(gaps)
 
 
 def open_upstream(cfg: UpstreamConfig, *, hostname: str) -> Upstream:
@@ -156,10 +221,12 @@ def open_upstream(cfg: UpstreamConfig, *, hostname: str) -> Upstream:
 
 
 __all__ = [
+    "ADVERTISED",
     "DeliveryResult",
     "ErrorKind",
     "Reply",
     "Upstream",
     "UpstreamError",
+    "capability_gaps",
     "open_upstream",
 ]

@@ -6,12 +6,18 @@ received. Each delivery is all-or-nothing: every file is written and fsync'd
 in tmp/ first, then renamed into new/, then new/ itself is fsync'd; any
 failure removes this delivery's files and reports a temporary error, so the
 client retries instead of getting a partial (or lost) delivery.
+
+A write that fails is a local storage failure ("storage", with the path and
+errno), not an upstream one: the relay answers `451 4.3.0` "could not
+store" and /readyz names the outbox, so the admin looks at the disk, not
+at a mail server that is not there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import os
 import secrets
@@ -39,6 +45,15 @@ def _newline_of(message: bytes) -> bytes:
     """The message's own line ending, so our added lines match it."""
     i = message.find(b"\n")
     return b"\r\n" if i > 0 and message[i - 1 : i] == b"\r" else b"\n"
+
+
+def storage_error(what: str, exc: OSError, path: Path) -> UpstreamError:
+    """An OSError while writing the outbox, as the UpstreamError the relay reports."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    reason = exc.strerror or type(exc).__name__
+    return UpstreamError(
+        "storage", f"{what} ({reason})", REPLY_STORAGE, path=str(exc.filename or path), errno=code
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,20 +98,24 @@ class MaildirUpstream:
         try:
             await asyncio.to_thread(self._write_all, mail_from, valid, message)
         except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise UpstreamError("4xx", f"maildir write failed ({reason})", REPLY_STORAGE) from None
+            raise storage_error("maildir write failed", exc, self.root) from None
         return DeliveryResult(tuple(valid), refused, REPLY_DELIVERED, time.monotonic() - start)
 
     async def probe(self) -> None:
-        """The Maildir exists (or can be created) and is writable."""
+        """The Maildir exists (or can be created) and a file can be created in it.
+
+        A real create, not os.access(): root passes every permission check,
+        and only a write finds a read-only or out-of-inodes file system.
+        """
         try:
-            await asyncio.to_thread(self._ensure_dirs)
+            await asyncio.to_thread(self._try_write)
         except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise UpstreamError("4xx", f"maildir unusable ({reason})", REPLY_STORAGE) from None
-        for sub in ("tmp", "new"):
-            if not os.access(self.root / sub, os.W_OK | os.X_OK):
-                raise UpstreamError("4xx", f"maildir {sub}/ not writable", REPLY_STORAGE)
+            raise storage_error("maildir not writable", exc, self.root) from None
+
+    def missing_capabilities(self, max_size: int) -> tuple[str, ...]:
+        """A file stores any bytes: nothing bccguard advertises is missing."""
+        del max_size
+        return ()
 
     async def close(self) -> None:
         """Nothing held open between deliveries."""
@@ -107,6 +126,16 @@ class MaildirUpstream:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for sub in ("tmp", "new", "cur"):
             (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+
+    def _try_write(self) -> None:
+        """Create and remove a file in tmp/ (never new/: readers list it), check new/ too."""
+        self._ensure_dirs()
+        probe = self.root / "tmp" / f".probe.{os.getpid()}.{secrets.token_hex(4)}"
+        os.close(os.open(probe, _OPEN_FLAGS, 0o600))
+        probe.unlink()
+        new = self.root / "new"
+        if not os.access(new, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "new/ not writable", str(new))
 
     def _unique_name(self) -> str:
         """time.M<usec>P<pid>Q<seq>R<random>.host, as the Maildir convention asks."""

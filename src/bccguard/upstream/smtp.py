@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import ssl
 import time
@@ -24,12 +25,19 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from bccguard.config import UpstreamConfig
-from bccguard.upstream import DeliveryResult, Reply, UpstreamError, significant_refusal
+from bccguard.upstream import (
+    DeliveryResult,
+    Reply,
+    UpstreamError,
+    capability_gaps,
+    significant_refusal,
+)
 from bccguard.upstream.wire import Encoded, address_ok, encode_data, needs_smtputf8
 
-# RFC 5321 4.5.3.1.5 allows 512 octets a reply line; real servers send longer
-# texts, garbage sends far longer. Past these bounds the peer is not SMTP.
-MAX_LINE = 2048
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets, CRLF included.
+# A longer one, 8-bit text, a bare LF or a code outside 2xx-5xx is not SMTP,
+# and nothing in it may be taken for success (or reach our client).
+MAX_LINE = 512
 MAX_REPLY_LINES = 256
 _STREAM_LIMIT = 64 * 1024
 # Content goes out in slices with a drain after each, so the transport buffer
@@ -42,15 +50,16 @@ _READ_SIZE = _STREAM_LIMIT
 # QUIT is a courtesy: never let it hold up shutdown.
 _QUIT_TIMEOUT = 5.0
 
-_REPLY_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?\r?\n\Z", re.DOTALL)
+# RFC 5321 4.2: Reply-code [ SP / "-" textstring ] CRLF, textstring = HT / printable ASCII.
+_REPLY_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])([\t\x20-\x7e]*))?\r\n\Z")
 # Inside a pipelined group, a run of single-line successes (2xx) and DATA's
 # go-ahead (354) is not parsed line by line: one regex match finds where the
-# run ends (each line: such a code, a space, any bytes but LF, LF, at most
+# run ends (each line: such a code, a space, RFC 5321 text, CRLF, at most
 # MAX_LINE octets, so _REPLY_LINE would accept it too) and bytes.count tells
 # the common codes apart, all in C. Their text is dropped: nothing reads the
 # text of a success inside a group. Refusals, 421, multi-line and malformed
 # replies end the run and go through the careful parser, which keeps it.
-_BRIEF_RUN = re.compile(rb"(?:(?:2[0-5][0-9]|354) [^\n]{0,%d}+\n)+" % (MAX_LINE - 5))
+_BRIEF_RUN = re.compile(rb"(?:(?:2[0-5][0-9]|354) [\t\x20-\x7e]{0,%d}+\r\n)+" % (MAX_LINE - 6))
 _BRIEF = {f"{code} ".encode(): Reply(code, "") for code in (*range(200, 260), 354)}
 REPLY_OK = _BRIEF[b"250 "]
 REPLY_GO_AHEAD = _BRIEF[b"354 "]
@@ -59,6 +68,12 @@ REPLY_BAD_SENDER = Reply(501, "5.1.7 Bad sender address syntax")
 REPLY_BAD_RCPT = Reply(501, "5.1.3 Bad recipient address syntax")
 REPLY_NO_SMTPUTF8 = Reply(550, "5.6.7 Upstream does not support SMTPUTF8")
 REPLY_TOO_BIG = Reply(552, "5.3.4 Message size exceeds upstream's fixed maximum")
+# RFC 6152 3: 8-bit content must not go to a server without 8BITMIME. bccguard
+# does not downgrade (that would break DKIM and change what was inspected), so
+# the message waits: 4.6.3 "conversion required but not supported", temporary
+# because the fault is the relay's configuration, which an admin can fix
+# within the client's retry period; a 5xx would bounce mail nothing was wrong with.
+REPLY_NO_8BITMIME = Reply(451, "4.6.3 Upstream cannot take 8-bit content, try again later")
 
 
 class _Stale(Exception):
@@ -102,7 +117,7 @@ def parse_reply_line(raw: bytes) -> tuple[int, bool, str]:
     m = _REPLY_LINE.match(raw)
     if m is None:
         raise ValueError("malformed reply line")
-    text = (m.group(3) or b"").rstrip(b"\r").decode("utf-8", "replace")
+    text = (m.group(3) or b"").decode("ascii")
     return int(m.group(1)), m.group(2) == b"-", text
 
 
@@ -138,6 +153,9 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.timeout = timeout
+        # Loop time by which the delivery in progress must be done (see
+        # SMTPUpstream.deliver); every wait is cut to it. inf between deliveries.
+        self.deadline = math.inf
         self.extensions: dict[str, str] = {}
         # True only while the protocol is known to be in sync (safe to pool).
         self.usable = False
@@ -189,7 +207,7 @@ class Connection:
             return replies
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.timeout) as limit:
+            async with asyncio.timeout_at(min(loop.time() + self.timeout, self.deadline)) as limit:
                 moved = loop.time()
                 seen = len(replies)
                 while True:
@@ -203,7 +221,7 @@ class Connection:
                         seen = len(replies)
                         now = loop.time()
                         if now - moved > 1.0:
-                            limit.reschedule(now + self.timeout)
+                            limit.reschedule(min(now + self.timeout, self.deadline))
                             moved = now
         except UpstreamError:
             raise
@@ -283,8 +301,12 @@ class Connection:
                 await self._drain()
 
     async def _drain(self) -> None:
-        async with _step(self.timeout, "message content"):
+        async with _step(self.budget(), "message content"):
             await self.writer.drain()
+
+    def budget(self) -> float:
+        """Seconds the next wait may take: `timeout`, or less when the delivery's deadline is nearer."""
+        return min(self.timeout, self.deadline - asyncio.get_running_loop().time())
 
     def alive(self) -> bool:
         """Cheap local check before reusing: no EOF, no error, no 421 seen, nothing unasked-for."""
@@ -370,6 +392,9 @@ class SMTPUpstream:
         self._idle: list[Connection] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.delivery_timeout = cfg.delivery_timeout
+        # EHLO keywords of the latest connection: what the upstream offers.
+        self.extensions: dict[str, str] | None = None
 
     # ------------------------------------------------------------ public API
 
@@ -411,25 +436,57 @@ class SMTPUpstream:
             everyone = "".join(valid)
         utf8 = smtputf8 or needs_smtputf8(mail_from, everyone)
         encoded = encode_data(message)
-        await self._acquire()  # not `async with self._slot()`: that costs 2 us a delivery
+        # One deadline for the whole delivery (waiting for a pool slot included):
+        # `timeout` bounds each step, but 30 RCPTs each answered just in time
+        # would keep the client waiting past the 10 minutes RFC 5321 4.5.3.2.6
+        # gives it for the reply to its final dot. No timer of its own (an
+        # asyncio.timeout costs ~5 us a delivery): every wait's own timer is
+        # cut to the deadline (Connection.deadline, budget()). A connection
+        # cut by it is aborted by `_put_back` (not usable mid-transaction).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.delivery_timeout
         try:
-            conn = await self._take()
+            accepted, reply = await self._deliver(
+                mail_from, valid, encoded, refused, deadline, utf8=utf8, eightbit=eightbit
+            )
+        except UpstreamError as exc:
+            if exc.kind == "timeout" and loop.time() >= deadline:
+                what = f"delivery not done within delivery_timeout {self.delivery_timeout:g}s"
+                raise UpstreamError("timeout", what) from None
+            raise
+        return DeliveryResult(tuple(accepted), refused, reply, time.monotonic() - start)
+
+    async def _deliver(
+        self,
+        mail_from: str,
+        valid: list[str],
+        encoded: Encoded,
+        refused: dict[str, Reply],
+        deadline: float,
+        *,
+        utf8: bool,
+        eightbit: bool,
+    ) -> tuple[list[str], Reply]:
+        await self._acquire(deadline)  # not `async with self._slot()`: that costs 2 us a delivery
+        try:
+            conn = self._take_idle() or await self._connect(deadline)
+            conn.deadline = deadline
             try:
                 try:
-                    accepted, reply = await self._transact(
+                    return await self._transact(
                         conn, mail_from, valid, encoded, refused, utf8=utf8, eightbit=eightbit
                     )
                 except _Stale:
                     conn.abort()
-                    conn = await self._connect()
-                    accepted, reply = await self._transact(
+                    conn = await self._connect(deadline)
+                    conn.deadline = deadline
+                    return await self._transact(
                         conn, mail_from, valid, encoded, refused, utf8=utf8, eightbit=eightbit
                     )
             finally:
                 self._put_back(conn)
         finally:
             self._release()
-        return DeliveryResult(tuple(accepted), refused, reply, time.monotonic() - start)
 
     async def probe(self) -> None:
         """NOOP on an idle pooled connection, else connect + EHLO (kept in the pool if allowed)."""
@@ -444,6 +501,10 @@ class SMTPUpstream:
                 if healthy:
                     return
             self._put_back(await self._connect())
+
+    def missing_capabilities(self, max_size: int) -> tuple[str, ...] | None:
+        """See Upstream.missing_capabilities: from the latest connection's EHLO."""
+        return None if self.extensions is None else capability_gaps(self.extensions, max_size)
 
     async def close(self) -> None:
         """QUIT idle connections; connections in use are closed when their delivery ends."""
@@ -463,7 +524,7 @@ class SMTPUpstream:
         finally:
             self._release()
 
-    async def _acquire(self) -> None:
+    async def _acquire(self, deadline: float = math.inf) -> None:
         if self._closed:
             raise UpstreamError("connect", "upstream client is closed")
         if self._slots is None:
@@ -478,7 +539,7 @@ class SMTPUpstream:
         # their clients get 451 and retry later (the session limits bound
         # how many wait, and so the memory their messages hold).
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(min(self.timeout, deadline - asyncio.get_running_loop().time())):
                 await self._slots.acquire()
         except TimeoutError:
             what = f"no upstream connection free within {self.timeout:g}s (pool_size {self.pool_size})"
@@ -500,10 +561,8 @@ class SMTPUpstream:
             conn.abort()
         return None
 
-    async def _take(self) -> Connection:
-        return self._take_idle() or await self._connect()
-
     def _put_back(self, conn: Connection) -> None:
+        conn.deadline = math.inf
         if not conn.usable or not conn.alive():
             conn.abort()
         elif self._slots is None or self._closed:
@@ -526,23 +585,25 @@ class SMTPUpstream:
 
     # ------------------------------------------------------------ session setup
 
-    async def _connect(self) -> Connection:
-        """TCP (or implicit TLS) connect, greeting, EHLO, STARTTLS when required."""
+    async def _connect(self, deadline: float = math.inf) -> Connection:
+        """TCP (or implicit TLS) connect, greeting, EHLO, STARTTLS when required, by `deadline`."""
         implicit = self._tls if self.scheme == "smtps" else None
-        async with _step(self.timeout, "connect"):
+        budget = min(self.timeout, deadline - asyncio.get_running_loop().time())
+        async with _step(budget, "connect"):
             reader, writer = await asyncio.open_connection(
                 self.host,
                 self.port,
                 ssl=implicit,
                 server_hostname=self.host if implicit else None,
-                ssl_handshake_timeout=self.timeout if implicit else None,
+                ssl_handshake_timeout=max(budget, 0.001) if implicit else None,
                 limit=_STREAM_LIMIT,
             )
         conn = Connection(reader, writer, self.timeout)
+        conn.deadline = deadline
         try:
             greeting = await conn.read_reply("greeting")
             if greeting.code != 220:
-                raise UpstreamError.refused("upstream refused the session", greeting)
+                raise UpstreamError.session_refused("upstream refused the session", greeting)
             await self._ehlo(conn)
             if self.scheme == "smtp+starttls":
                 await self._starttls(conn)
@@ -550,6 +611,7 @@ class SMTPUpstream:
             conn.abort()
             raise
         conn.usable = True
+        self.extensions = conn.extensions
         return conn
 
     async def _ehlo(self, conn: Connection) -> None:
@@ -564,7 +626,7 @@ class SMTPUpstream:
             if reply.is_ok:
                 conn.extensions = {}
                 return
-        raise UpstreamError.refused("upstream refused EHLO", reply)
+        raise UpstreamError.session_refused("upstream refused EHLO", reply)
 
     async def _starttls(self, conn: Connection) -> None:
         assert self._tls is not None  # set for every TLS scheme
@@ -577,9 +639,10 @@ class SMTPUpstream:
         # injected by a man in the middle (CVE-2011-0411 style): refuse it.
         if conn.pending() or bool(getattr(conn.reader, "_buffer", b"")):
             raise UpstreamError("protocol", "data after the STARTTLS reply")
-        async with _step(self.timeout, "STARTTLS handshake"):
+        budget = conn.budget()
+        async with _step(budget, "STARTTLS handshake"):
             await conn.writer.start_tls(
-                self._tls, server_hostname=self.host, ssl_handshake_timeout=self.timeout
+                self._tls, server_hostname=self.host, ssl_handshake_timeout=max(budget, 0.001)
             )
         conn.extensions = {}
         await self._ehlo(conn)  # RFC 3207 4.2: forget what was learnt in clear text
@@ -597,7 +660,9 @@ class SMTPUpstream:
             if limit.isdigit() and int(limit) > 0 and encoded.size > int(limit):
                 raise UpstreamError("5xx", "message larger than upstream's SIZE", REPLY_TOO_BIG)
             params.append(f" SIZE={encoded.size}")
-        if eightbit and "8BITMIME" in ext:
+        if eightbit:
+            if "8BITMIME" not in ext:
+                raise UpstreamError("capability", "upstream does not offer 8BITMIME", REPLY_NO_8BITMIME)
             params.append(" BODY=8BITMIME")
         if utf8:
             if "SMTPUTF8" not in ext:
@@ -651,7 +716,7 @@ class SMTPUpstream:
             conn.write(b"RSET\r\n")  # nothing of this transaction sent yet
             reply = await self._first_reply(conn, "RSET")
             if not reply.is_ok:
-                raise UpstreamError.refused("upstream refused RSET", reply)
+                raise UpstreamError.session_refused("upstream refused RSET", reply)
             conn.dirty = False
             conn.reused = False  # it just proved alive: later failures are not "stale"
         rcpt_replies: list[Reply] = []

@@ -1,0 +1,172 @@
+"""A full or read-only disk under the spool or the Maildir outbox: 451 4.3.0, never a lost message.
+
+Issue 12 item 1: the upstream took one recipient and refused another; the
+copy to retry (4xx) or the DSN to the sender (5xx) could not be written, and
+the client still heard 250, so that recipient or that report was lost.
+Issue 14 item 6: an unwritable Maildir outbox was reported as an upstream
+failure. Real kernel errors (tests/disk_helpers.py), a real relay, a real sink.
+
+Invariants checked in each test: no 250 unless the message is upstream or
+fsync'ed in the spool; no address in a reply or a log line; the relay serves
+a normal message once the disk is healed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from bccguard.app import App
+from conftest import StartRelay, data_reply, message
+from disk_helpers import SmallDisk, assert_no_address, mounted_small_disk
+from sink import Sink
+
+SENDER = "news@corp.example"
+OK, OTHER = "ok@clients.example", "other@clients.example"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    with mounted_small_disk(tmp_path) as disk:
+        yield disk
+
+
+def _reply(port: int, rcpts: list[str], data: bytes) -> tuple[int, bytes]:
+    """The DATA reply, with every reply line checked for addresses."""
+    code, text = data_reply(port, SENDER, rcpts, data)
+    assert b"@" not in text, text
+    return code, text
+
+
+def _sample(app: App, name: str, **labels: str) -> float:
+    value = app.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+@pytest.mark.parametrize(
+    ("refusal", "kind"),
+    [("451 4.2.1 Mailbox busy", "retry"), ("550 5.1.1 User unknown", "dsn")],
+    ids=["deferred-copy", "dsn"],
+)
+async def test_partial_delivery_with_an_unwritable_spool_is_451_not_a_loss(
+    start_relay: StartRelay, sink: Sink, small_disk: SmallDisk, fault: str, refusal: str, kind: str
+) -> None:
+    app = await start_relay(sink.url, {"spool": {"path": str(small_disk.path / "spool")}})
+    sink.rcpt_replies = {OTHER: refusal}
+    data = message([OK, OTHER])
+    small_disk.fill() if fault == "full" else small_disk.read_only()
+
+    with structlog.testing.capture_logs() as logs:
+        code, text = await asyncio.to_thread(_reply, app.port, [OK, OTHER], data)
+
+    # The whole message is refused for now: the client sends it again to both
+    # (a duplicate for OK, whom the upstream already has; never a loss for OTHER).
+    assert (code, text[:6]) == (451, b"4.3.0 ")
+    assert [m.rcpt_tos for m in sink.messages if m.reply.startswith("2")] == [[OK]]
+    assert app.runtime.spool.entries() == []
+    assert _sample(app, "bccguard_store_write_failures_total", store="spool") == 1
+    (failed,) = [e for e in logs if e["event"] == "spool_write_failed"]
+    assert failed["errno"] == ("ENOSPC" if fault == "full" else "EROFS")
+    assert failed["path"].startswith(str(small_disk.path / "spool"))
+    assert [e["reply_code"] for e in logs if e["event"] == "message_processed"] == [451]
+    assert_no_address(logs)
+
+    # Healed: the same message is now taken, and what the 250 promises is on disk.
+    small_disk.heal()
+    sink.messages.clear()
+    code, text = await asyncio.to_thread(_reply, app.port, [OK, OTHER], data)
+    assert code == 250 and b"1 of 2" in text
+    assert [m.rcpt_tos for m in sink.messages if m.reply.startswith("2")][:1] == [[OK]]
+    spooled = {e.kind for e in app.runtime.spool.entries()}
+    # A due DSN may already be on its way out (then the sink has it).
+    assert kind in spooled or (kind == "dsn" and any(m.mail_from == "<>" for m in sink.messages))
+
+
+async def test_split_with_a_full_spool_is_451(
+    start_relay: StartRelay, sink: Sink, small_disk: SmallDisk
+) -> None:
+    """Split copies go to the spool before the 250 (existing behaviour, now counted and logged)."""
+    app = await start_relay(
+        sink.url, {"spool": {"path": str(small_disk.path / "spool")}, "policy": {"action": "split"}}
+    )
+    rcpts = [f"c{i}@clients.example" for i in range(30)]
+    small_disk.fill()
+    with structlog.testing.capture_logs() as logs:
+        code, text = await asyncio.to_thread(_reply, app.port, rcpts, message(rcpts))
+    assert (code, text[:6]) == (451, b"4.3.0 ")
+    assert sink.messages == []
+    assert _sample(app, "bccguard_store_write_failures_total", store="spool") == 1
+    assert [e["errno"] for e in logs if e["event"] == "spool_write_failed"] == ["ENOSPC"]
+    assert_no_address(logs)
+    small_disk.heal()
+    code, _ = await asyncio.to_thread(_reply, app.port, rcpts, message(rcpts))
+    assert code == 250
+
+
+def _readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_unwritable_maildir_outbox_is_could_not_store_and_named_in_readyz(
+    start_relay: StartRelay, small_disk: SmallDisk
+) -> None:
+    """Issue 14 item 6: a read-only outbox is a local store failure, not "upstream deferred"."""
+    outbox = small_disk.path / "outbox"
+    app = await start_relay(f"maildir:{outbox}", {"metrics": {"listen": "127.0.0.1:0"}})
+    rcpts = ["a@corp.example", "b@corp.example"]
+    data = message(rcpts)
+    assert (await asyncio.to_thread(_reply, app.port, rcpts, data))[0] == 250
+    small_disk.read_only()
+
+    with structlog.testing.capture_logs() as logs:
+        code, text = await asyncio.to_thread(_reply, app.port, rcpts, data)
+        await app.runtime.relay.probe()  # what the idle-time probe finds, now
+    assert (code, text) == (451, b"4.3.0 Could not store the message, try again later")
+    (failed,) = [e for e in logs if e["event"] == "outbox_write_failed"]
+    assert failed["errno"] == "EROFS" and failed["path"].startswith(str(outbox))
+    assert [e["kind"] for e in logs if e["event"] == "upstream_probe_failed"] == ["storage"]
+    assert_no_address(logs)
+    assert _sample(app, "bccguard_store_write_failures_total", store="outbox") == 1
+    assert (
+        sum(
+            _sample(app, "bccguard_upstream_failures_total", kind=k)
+            for k in ("4xx", "5xx", "connect", "session")
+        )
+        == 0
+    )
+    status, body = await asyncio.to_thread(_readyz, app.ops.port)
+    assert status == 503 and f"outbox {outbox} not writable" in body
+    assert "upstream not reachable" not in body
+
+    small_disk.heal()
+    assert (await asyncio.to_thread(_reply, app.port, rcpts, data))[0] == 250
+    assert await asyncio.to_thread(_readyz, app.ops.port) == (200, "ready\n")
+    assert len(list((outbox / "new").iterdir())) == 4  # 2 recipients x 2 delivered messages
+
+
+async def test_quarantine_on_a_read_only_disk_logs_path_and_errno(
+    start_relay: StartRelay, sink: Sink, small_disk: SmallDisk
+) -> None:
+    app = await start_relay(
+        sink.url, {"quarantine": {"path": str(small_disk.path / "q")}, "policy": {"action": "quarantine"}}
+    )
+    rcpts = [f"c{i}@clients.example" for i in range(30)]
+    small_disk.read_only()
+    with structlog.testing.capture_logs() as logs:
+        code, text = await asyncio.to_thread(_reply, app.port, rcpts, message(rcpts))
+    assert (code, text[:6]) == (451, b"4.3.0 ")
+    (failed,) = [e for e in logs if e["event"] == "quarantine_write_failed"]
+    assert failed["errno"] == "EROFS"
+    assert _sample(app, "bccguard_store_write_failures_total", store="quarantine") == 1
+    assert_no_address(logs)
