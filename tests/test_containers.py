@@ -254,8 +254,8 @@ async def run_relay(
     return Relay(name, smtp_port, metrics_port, started)
 
 
-async def wait_healthy(containers: Containers, relay: Relay) -> float:
-    """Until HEALTHCHECK passes and SMTP answers; seconds from `podman run` to healthy."""
+async def wait_healthy(containers: Containers, relay: Relay) -> tuple[float, float]:
+    """Until HEALTHCHECK passes and SMTP answers; seconds from `podman run` to each (a reading)."""
     deadline = time.monotonic() + DEADLINE
     healthy_after = 0.0
     while True:
@@ -271,7 +271,7 @@ async def wait_healthy(containers: Containers, relay: Relay) -> float:
             raise AssertionError(f"{relay.name} never became healthy:\n{await containers.logs(relay.name)}")
         await asyncio.sleep(0.2)
     await poll_async(lambda: banner(relay.smtp_port), lambda b: b.startswith(b"220"), "the SMTP greeting")
-    return healthy_after
+    return healthy_after, time.monotonic() - relay.started
 
 
 async def poll_async(probe: Any, ok: Any, what: str, within: float = DEADLINE) -> Any:
@@ -339,8 +339,8 @@ async def test_survey_through_the_image_rewritten_healthy_confined(
         quarantine=await containers.volume("survey-q"),
         spool=await containers.volume("survey-s"),
     )
-    healthy_after = await wait_healthy(containers, relay)
-    print(f"bccguard container: healthy {healthy_after:.1f}s after podman run")
+    healthy_after, smtp_after = await wait_healthy(containers, relay)
+    print(f"bccguard container: healthy {healthy_after:.1f}s, SMTP greeting {smtp_after:.1f}s after run")
     info = await containers.inspect(relay.name)
     assert info["State"]["Health"]["Status"] == "healthy"
 
