@@ -117,9 +117,13 @@ def ensure_base_images(podman: Podman) -> None:
 
 
 def can_run_containers(podman: Podman) -> str | None:
-    """None if podman runs a container here, else the one-line reason it cannot."""
+    """None if podman runs a container here, else the one-line reason it cannot.
+
+    Asked before any image exists: the probe runs the host's own `true` on an
+    overlay of the host's root (`--rootfs /:O`, nothing written through).
+    """
     r = podman.run(
-        "run", "--rm", *LIMITS, "--network", "none", "debian:12-slim", "true", timeout=120, check=False
+        "run", "--rm", *LIMITS, "--network", "none", "--rootfs", "/:O", "true", timeout=120, check=False
     )
     if r.returncode == 0:
         return None

@@ -76,10 +76,10 @@ def podman() -> Iterator[Podman]:
         require_binary(binary)
     require_root("rootful podman with stand-in base images (debootstrap)")
     p = Podman(exe)
-    ensure_base_images(p)
     reason = can_run_containers(p)
     if reason is not None:
         pytest.skip(f"podman cannot run containers here: {reason}")
+    ensure_base_images(p)
     try:
         yield p
     finally:
