@@ -530,6 +530,8 @@ async def test_compose_demo_postfix_to_bccguard_to_sink(
     assert processed[0]["rcpts"] == len(EVERYONE), "Postfix handed bccguard the survey in one transaction"
     maillog = await containers.logs(pf_name)
     assert "relay=bccguard[127.0.0.1]:10025" in maillog and "relay=mailpit[" in maillog
+    relay_logs = await containers.logs(relay.name)
+    assert not any(c in relay_logs for c in CUSTOMERS), "an address in bccguard's logs"
 
     # 2. A message bccguard rejects: Postfix bounces it to the sender with bccguard's reason.
     await asyncio.to_thread(
