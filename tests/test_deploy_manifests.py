@@ -7,9 +7,10 @@ every file a manifest mounts exists, that each embedded bccguard.toml is
 accepted by the real config loader). Where a real tool can run offline it
 does: `promtool check config` on the compose Prometheus config, `postconf`
 on the Postfix image's build-time configuration, and the image's HEALTHCHECK
-command against a running relay. They cannot prove an image builds or a
-cluster accepts the objects: `docker compose up` and `kubectl apply
---dry-run=server` were not available on the machine these tests were written on.
+command against a running relay. They cannot prove a cluster accepts the
+objects: `kubectl apply --dry-run=server` was not available on the machine these
+tests were written on. The images are built and run for real (podman) in
+tests/test_containers.py.
 """
 
 from __future__ import annotations
