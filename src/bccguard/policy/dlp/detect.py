@@ -1,0 +1,97 @@
+"""Pieces of text -> Findings: distinct instances per detector, never a value.
+
+Pure: the pieces come from extraction at the edge (bccguard/extract), the
+settings from the rule in force. Order matters: IBANs, cards and email
+addresses are found first and blanked out, so their digits are not counted
+again as phone numbers or national IDs.
+
+Email addresses are classified like header addresses: colleagues' and
+partners' addresses (signatures, meeting notes) do not count, an external
+address counts once, an address at a personal mailbox provider twice (it
+is most likely a private customer's).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from bccguard.config import PolicySettings
+from bccguard.policy.classify import classify_domain
+from bccguard.policy.dlp import numbers, tables
+from bccguard.policy.dlp.model import Extraction, Findings, Piece, Place
+from bccguard.policy.domains import normalize_domain
+from bccguard.policy.model import AddressClass
+
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}"
+)
+# Cheap tests that let a plain letter skip each detector without a regex pass.
+_HAS_DIGITS = re.compile(r"\d[\d ().\-]{5,}\d")
+
+
+def detect(extraction: Extraction, settings: PolicySettings) -> Findings:
+    enabled = settings.dlp.detectors
+    regions = settings.dlp.regions
+    total: dict[str, set[object]] = {d: set() for d in enabled}
+    places: list[Place] = []
+    for piece in extraction.pieces:
+        found = _detect_piece(piece, enabled, regions, settings)
+        counts = tuple((d, _weight(d, vals)) for d, vals in found.items() if vals)
+        if counts:
+            places.append(Place(where=piece.where, counts=counts))
+        for d, vals in found.items():
+            total[d] |= vals
+    return Findings(
+        counts=tuple((d, _weight(d, vals)) for d, vals in total.items() if vals),
+        places=tuple(places),
+        unreadable=extraction.unreadable,
+        over_limit=extraction.over_limit,
+        scanned_bytes=extraction.scanned_bytes,
+        detectors=enabled,
+    )
+
+
+def _weight(detector: str, values: Iterable[object]) -> int:
+    if detector != "email":
+        return len(set(values))
+    return sum(2 if str(v).startswith("c:") else 1 for v in values)
+
+
+def _detect_piece(
+    piece: Piece, enabled: tuple[str, ...], regions: tuple[str, ...], settings: PolicySettings
+) -> dict[str, set[object]]:
+    text = piece.text
+    out: dict[str, set[object]] = {d: set() for d in enabled}
+    spans: list[tuple[int, int]] = []
+    if "@" in text:
+        for m in _EMAIL.finditer(text):
+            spans.append(m.span())
+            if "email" in out:
+                local, _, domain = m.group().rpartition("@")
+                cls = classify_domain(normalize_domain(domain), settings)
+                if cls is AddressClass.CONSUMER:
+                    out["email"].add(f"c:{local}@{domain.lower()}")
+                elif cls is AddressClass.EXTERNAL:
+                    out["email"].add(f"e:{local}@{domain.lower()}")
+    if _HAS_DIGITS.search(text):
+        found, used = numbers.ibans(text)
+        spans += used
+        if "iban" in out:
+            out["iban"] |= found
+        found, used = numbers.cards(numbers.mask(text, spans))
+        spans += used
+        if "card" in out:
+            out["card"] |= found
+        text = numbers.mask(text, spans)
+        found, used = numbers.phones(text, regions)
+        if "phone" in out:
+            out["phone"] |= found
+        if "national_id" in out:
+            out["national_id"] |= numbers.national_ids(numbers.mask(text, used), regions)[0]
+    if "customer_table" in out:
+        if piece.rows:
+            out["customer_table"] |= tables.customer_rows(piece.rows)
+        elif text.count("\n") > tables.MIN_ROWS:
+            out["customer_table"] |= tables.text_rows(piece.text)
+    return out
