@@ -84,6 +84,23 @@ def pdf_bytes(rows: list[tuple[str, ...]], header: tuple[str, ...] = HEADER) -> 
     return bytes(pdf.output())
 
 
+def docx_bytes(rows: list[tuple[str, ...]], header: tuple[str, ...] = HEADER) -> bytes:
+    """A minimal Word document (as Word writes it: one part per concern) with the table in it."""
+    w = 'xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"'
+
+    def cells(r: tuple[str, ...]) -> str:
+        return "".join(f"<w:tc><w:p><w:r><w:t>{c}</w:t></w:r></w:p></w:tc>" for c in r)
+
+    table = "".join(f"<w:tr>{cells(r)}</w:tr>" for r in (header, *rows))
+    body = f"<w:p><w:r><w:t>Customer renewals, Q1</w:t></w:r></w:p><w:tbl>{table}</w:tbl>"
+    return zip_bytes({
+        "[Content_Types].xml": b'<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/'
+        b'package/2006/content-types"><Override PartName="/word/document.xml" ContentType="application/'
+        b'vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>',
+        "word/document.xml": f'<?xml version="1.0"?><w:document {w}><w:body>{body}</w:body></w:document>'.encode(),
+    })  # fmt: skip
+
+
 def zip_bytes(members: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
@@ -120,6 +137,7 @@ def gb_iban(i: int) -> str:
 
 
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 
 
 def attached(body: str, filename: str, ctype: str, data: bytes) -> bytes:
@@ -145,6 +163,7 @@ def held_set() -> list[Fixture]:
         Fixture(
             "pdf", attached("Export attached.", "export.pdf", "application/pdf", pdf_bytes(rows)), counts
         ),
+        Fixture("docx", attached("Word version.", "renewals.docx", DOCX, docx_bytes(rows)), counts),
         Fixture("zip", attached("Zipped.", "data.zip", "application/zip", zipped), counts),
         Fixture(
             "phones",

@@ -48,9 +48,6 @@ LIMITS = Limits()
 INLINE_MAX = 8 * 1024  # bytes: a message this small with only a text body is scanned on the loop
 GRACE = 5.0  # seconds past the time limit before the relay kills a scanner that did not stop itself
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-_CTYPE = re.compile(rb"(?im)^content-type:[ \t]*([^;\r\n]*)(.*(?:\r?\n[ \t].*)*)")
-_CTE = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*([^\s;]+)")
 _CHARSET = re.compile(rb"""(?i)charset[ \t]*=[ \t]*"?([A-Za-z0-9_.:-]+)""")
 
 
@@ -86,23 +83,29 @@ async def scan(message: bytes, envelope: Envelope, config: Config) -> Findings |
 def plain_body(message: bytes) -> str | None:
     """The body of a single-part text/plain message, decoded; None for anything else.
 
-    No MIME parse: a regex over the header block and a decode of the body,
-    which is what keeps DLP's cost on a plain 2 KB letter in microseconds.
+    No MIME parse and no regex over the message: `bytes.find` on the
+    lower-cased header block and a decode of the body, which is what keeps
+    DLP's cost on a plain 2 KB letter at a few microseconds.
     """
-    m = _HEADER_END.search(message)
-    if m is None:
-        return None
-    head, body = message[: m.start() + 1], message[m.end() :]
-    charset = "utf-8"
-    ct = _CTYPE.search(head)
-    if ct is not None:
-        if ct.group(1).strip().lower() != b"text/plain":
+    end = message.find(b"\r\n\r\n")
+    sep = 4
+    if end < 0 or (0 <= message.find(b"\n\n") < end):
+        end, sep = message.find(b"\n\n"), 2
+        if end < 0:
             return None
-        cs = _CHARSET.search(ct.group(2))
+    head = b"\n" + message[:end].lower()
+    body = message[end + sep :]
+    charset = "utf-8"
+    ctype = _field(head, b"content-type")
+    if ctype is not None:
+        value, _, params = ctype.partition(b";")
+        if value.strip() != b"text/plain":
+            return None
+        cs = _CHARSET.search(params)
         if cs is not None:
             charset = cs.group(1).decode("ascii")
-    cte = _CTE.search(head)
-    enc = cte.group(1).lower() if cte is not None else b"7bit"
+    cte = _field(head, b"content-transfer-encoding")
+    enc = cte.strip() if cte is not None else b"7bit"
     try:
         if enc == b"base64":
             body = binascii.a2b_base64(body)
@@ -116,6 +119,22 @@ def plain_body(message: bytes) -> str | None:
         return body.decode(charset)
     except (LookupError, UnicodeDecodeError):
         return body.decode("latin-1")
+
+
+def _field(head: bytes, name: bytes) -> bytes | None:
+    """The unfolded value of the first `name:` field in a lower-cased header block starting with LF."""
+    at = head.find(b"\n" + name + b":")
+    if at < 0:
+        return None
+    start = at + len(name) + 2
+    out = []
+    while True:
+        nl = head.find(b"\n", start)
+        out.append(head[start : nl if nl >= 0 else len(head)])
+        if nl < 0 or head[nl + 1 : nl + 2] not in (b" ", b"\t"):
+            break
+        start = nl + 1
+    return b" ".join(x.strip() for x in out)
 
 
 # ------------------------------------------------------------------ the pool

@@ -26,8 +26,16 @@ from bccguard.policy.model import AddressClass
 _EMAIL = re.compile(
     r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}"
 )
-# Cheap tests that let a plain letter skip each detector without a regex pass.
-_HAS_DIGITS = re.compile(r"\d[\d ().\-]{5,}\d")
+# Every number detector needs at least this many digits (a UK NINO has 6). Counting
+# ASCII digits with bytes.translate costs ~1 µs on 2 KB where a regex pass costs
+# ~20 µs: a plain letter skips the number detectors without one.
+MIN_DIGITS = 6
+_DIGIT_BYTES = b"0123456789"
+
+
+def _digits(text: str) -> int:
+    raw = text.encode("utf-8", "surrogatepass")
+    return len(raw) - len(raw.translate(None, _DIGIT_BYTES))
 
 
 def detect(extraction: Extraction, settings: PolicySettings) -> Findings:
@@ -35,6 +43,15 @@ def detect(extraction: Extraction, settings: PolicySettings) -> Findings:
     regions = settings.dlp.regions
     total: dict[str, set[object]] = {d: set() for d in enabled}
     places: list[Place] = []
+    if all("@" not in p.text and _digits(p.text) < MIN_DIGITS and not p.rows for p in extraction.pieces):
+        # The everyday letter: no address, too few digits for any number, no table
+        # (a customer table holds numbers or addresses). Nothing to find.
+        return Findings(
+            unreadable=extraction.unreadable,
+            over_limit=extraction.over_limit,
+            scanned_bytes=extraction.scanned_bytes,
+            detectors=enabled,
+        )
     for piece in extraction.pieces:
         found = _detect_piece(piece, enabled, regions, settings)
         counts = tuple((d, _weight(d, vals)) for d, vals in found.items() if vals)
@@ -74,7 +91,8 @@ def _detect_piece(
                     out["email"].add(f"c:{local}@{domain.lower()}")
                 elif cls is AddressClass.EXTERNAL:
                     out["email"].add(f"e:{local}@{domain.lower()}")
-    if _HAS_DIGITS.search(text):
+    has_numbers = _digits(text) >= MIN_DIGITS
+    if has_numbers:
         found, used = numbers.ibans(text)
         spans += used
         if "iban" in out:
@@ -92,6 +110,7 @@ def _detect_piece(
     if "customer_table" in out:
         if piece.rows:
             out["customer_table"] |= tables.customer_rows(piece.rows)
-        elif text.count("\n") > tables.MIN_ROWS:
+        elif (has_numbers or spans) and text.count("\n") > tables.MIN_ROWS:
+            # A customer table has numbers (phones, dates, house numbers) or addresses in it.
             out["customer_table"] |= tables.text_rows(piece.text)
     return out

@@ -25,10 +25,15 @@ _KINDS: dict[str, tuple[str, ...]] = {
            "renewal", "iban"),
     "birth": ("dob", "birth", "born", "geburt"),
 }  # fmt: skip
-_WORD = re.compile(r"[a-zà-ÿß]+(?:[ -][a-zà-ÿß]+)?")
 _EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")
 _PHONE_SHAPE = re.compile(r"\+?[\d ().\-]{7,20}")
 _DELIMS = ("\t", ";", "|", ",")
+
+
+_KIND_OF = {k: kind for kind, keys in _KINDS.items() for k in keys}
+_KEYWORD = re.compile(
+    r"(?<![a-zà-ÿß])(" + "|".join(re.escape(k) for k in sorted(_KIND_OF, key=len, reverse=True)) + ")"
+)
 
 
 def header_kinds(cells: Sequence[str]) -> set[str]:
@@ -38,10 +43,8 @@ def header_kinds(cells: Sequence[str]) -> set[str]:
         c = cell.strip().lower()
         if not c or len(c) > 40:
             continue
-        words = c.replace("_", " ").replace(".", " ")
-        for kind, keys in _KINDS.items():
-            if any(re.search(rf"(?<![a-z]){re.escape(k)}", words) for k in keys):
-                kinds.add(kind)
+        for m in _KEYWORD.finditer(c.replace("_", " ").replace(".", " ")):
+            kinds.add(_KIND_OF[m.group(1)])
     return kinds
 
 
@@ -85,7 +88,8 @@ def text_rows(text: str) -> set[int]:
     Delimited: runs of lines split by the same delimiter into the same number
     of cells. Aligned (text from a PDF, a fixed-width export): a header line
     naming two kinds of personal data, then lines that each hold an email or
-    phone shape; each such line is one row.
+    phone shape; each such line is one row. Linear: each line is looked at as
+    the start of at most one run of each kind.
     """
     lines = text.splitlines()
     found: set[int] = set()
@@ -95,16 +99,14 @@ def text_rows(text: str) -> set[int]:
         delim = next((d for d in _DELIMS if d in line), None)
         if delim is not None:
             n = line.count(delim)
-            j = i
+            j = i + 1
             while j < len(lines) and lines[j].count(delim) == n and lines[j].strip():
                 j += 1
             if j - i > MIN_ROWS:
-                rows = customer_rows([s.split(delim) for s in lines[i:j]])
-                if rows:
-                    found |= rows
-                    i = j
-                    continue
-        if len(header_kinds(re.split(r"\s{2,}|\s", line.strip()))) >= 2:
+                found |= customer_rows([s.split(delim) for s in lines[i:j]])
+                i = j
+                continue
+        if _KEYWORD.search(line.lower()) and len(header_kinds(_CELLS.split(line.strip()))) >= 2:
             j = i + 1
             while j < len(lines) and (_EMAIL_SHAPE.search(lines[j]) or _DIGITS.search(lines[j])):
                 j += 1
@@ -116,4 +118,5 @@ def text_rows(text: str) -> set[int]:
     return found
 
 
+_CELLS = re.compile(r"\s{2,}|\s")
 _DIGITS = re.compile(r"\d{3}[ \d]{4,}")
