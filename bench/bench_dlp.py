@@ -195,7 +195,8 @@ async def section_loop_async() -> None:
     lags = await ticker
     print(
         f"4 heavy scans (2x 1,000-page PDF, 2x zip bomb) in the pool: {heavy_s:.1f} s; meanwhile "
-        f"{len(plain_ms)} plain messages scanned+evaluated inline, median {statistics.median(plain_ms):.2f} ms, "
+        f"{len(plain_ms)} plain messages scanned+evaluated inline, "
+        f"median {statistics.median(plain_ms):.2f} ms, "
         f"max {max(plain_ms):.2f} ms; event-loop lag of a 5 ms ticker: median "
         f"{statistics.median(lags) * 1000:.2f} ms, max {max(lags) * 1000:.2f} ms"
     )

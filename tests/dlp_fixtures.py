@@ -97,7 +97,8 @@ def docx_bytes(rows: list[tuple[str, ...]], header: tuple[str, ...] = HEADER) ->
         "[Content_Types].xml": b'<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/'
         b'package/2006/content-types"><Override PartName="/word/document.xml" ContentType="application/'
         b'vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>',
-        "word/document.xml": f'<?xml version="1.0"?><w:document {w}><w:body>{body}</w:body></w:document>'.encode(),
+        "word/document.xml": f'<?xml version="1.0"?><w:document {w}><w:body>{body}</w:body></w:document>'
+        .encode(),
     })  # fmt: skip
 
 
