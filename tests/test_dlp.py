@@ -340,3 +340,21 @@ def test_summary_carries_counts_only() -> None:
     v = run(f.data, config).verdict
     text = json.dumps(summary(v.dlp, places=True)) + v.reason
     assert "@" not in text and not any(value in text for value in values_of(f.data))
+
+
+def test_a_table_without_a_header_row_counts_every_row() -> None:
+    rows = "\n".join(f"{r[1]}\t{r[2]}\t{r[3]}" for r in fx.customers(8))
+    assert detect_text(f"As requested:\n{rows}\n")["customer_table"] == 8
+
+
+def test_a_scan_stopped_by_time_keeps_what_it_counted() -> None:
+    """A huge list past the time limit is judged by what was found, not passed for finding nothing."""
+    rows = fx.customers(2000)
+    text = "\n".join(f"{r[1]}\t{r[3]}" for r in rows)  # ~50 KB of names and numbers
+    piece = Piece("body", text * 3)  # three chunks
+    calls = iter([False, True])
+    findings = detect(Extraction(pieces=(piece,)), cfg().policy.defaults, should_stop=lambda: next(calls))
+    assert findings.over_limit == ("time",)
+    assert 500 <= findings.count("phone") <= 2000
+    v = judge(findings, DlpSettings(enabled=True))
+    assert v.action is Action.QUARANTINE and v.level == "high"

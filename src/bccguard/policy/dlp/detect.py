@@ -14,7 +14,7 @@ is most likely a private customer's).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from bccguard.config import PolicySettings
 from bccguard.policy.classify import classify_domain
@@ -38,35 +38,84 @@ def _digits(text: str) -> int:
     return len(raw) - len(raw.translate(None, _DIGIT_BYTES))
 
 
-def detect(extraction: Extraction, settings: PolicySettings) -> Findings:
+CHUNK = 64 * 1024  # characters: how often a long text asks `should_stop`
+
+
+def detect(
+    extraction: Extraction, settings: PolicySettings, should_stop: Callable[[], bool] | None = None
+) -> Findings:
+    """Count distinct instances per detector.
+
+    `should_stop` (the scanner's deadline) is asked between chunks of text: when
+    it says stop, the counts so far are returned with "time" in `over_limit`, so
+    a huge customer list past the time limit is still judged by what was found
+    in it, never by nothing.
+    """
     enabled = settings.dlp.detectors
     regions = settings.dlp.regions
     total: dict[str, set[object]] = {d: set() for d in enabled}
     places: list[Place] = []
+    over_limit = extraction.over_limit
     if all("@" not in p.text and _digits(p.text) < MIN_DIGITS and not p.rows for p in extraction.pieces):
         # The everyday letter: no address, too few digits for any number, no table
         # (a customer table holds numbers or addresses). Nothing to find.
         return Findings(
             unreadable=extraction.unreadable,
-            over_limit=extraction.over_limit,
+            over_limit=over_limit,
             scanned_bytes=extraction.scanned_bytes,
             detectors=enabled,
         )
+    stopped = False
     for piece in extraction.pieces:
-        found = _detect_piece(piece, enabled, regions, settings)
+        found: dict[str, set[object]] = {d: set() for d in enabled}
+        if "customer_table" in found:
+            found["customer_table"] = _tables(piece)
+        for chunk in _chunks(piece.text):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            for d, vals in _detect_text(chunk, enabled, regions, settings).items():
+                found[d] |= vals
         counts = tuple((d, _weight(d, vals)) for d, vals in found.items() if vals)
         if counts:
             places.append(Place(where=piece.where, counts=counts))
         for d, vals in found.items():
             total[d] |= vals
+        if stopped:
+            over_limit = (*over_limit, "time") if "time" not in over_limit else over_limit
+            break
     return Findings(
         counts=tuple((d, _weight(d, vals)) for d, vals in total.items() if vals),
         places=tuple(places),
         unreadable=extraction.unreadable,
-        over_limit=extraction.over_limit,
+        over_limit=over_limit,
         scanned_bytes=extraction.scanned_bytes,
         detectors=enabled,
     )
+
+
+def _chunks(text: str) -> list[str]:
+    """`text` cut at line ends into pieces of about CHUNK characters (numbers never span lines here)."""
+    if len(text) <= CHUNK:
+        return [text]
+    out = []
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + CHUNK)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def _tables(piece: Piece) -> set[object]:
+    if piece.rows:
+        return set(tables.customer_rows(piece.rows))
+    text = piece.text
+    if text.count("\n") > tables.MIN_ROWS and ("@" in text or _digits(text) >= MIN_DIGITS):
+        # A customer table has numbers (phones, dates, house numbers) or addresses in it.
+        return set(tables.text_rows(text))
+    return set()
 
 
 def _weight(detector: str, values: Iterable[object]) -> int:
@@ -75,11 +124,10 @@ def _weight(detector: str, values: Iterable[object]) -> int:
     return sum(2 if str(v).startswith("c:") else 1 for v in values)
 
 
-def _detect_piece(
-    piece: Piece, enabled: tuple[str, ...], regions: tuple[str, ...], settings: PolicySettings
+def _detect_text(
+    text: str, enabled: tuple[str, ...], regions: tuple[str, ...], settings: PolicySettings
 ) -> dict[str, set[object]]:
-    text = piece.text
-    out: dict[str, set[object]] = {d: set() for d in enabled}
+    out: dict[str, set[object]] = {d: set() for d in enabled if d != "customer_table"}
     spans: list[tuple[int, int]] = []
     if "@" in text:
         for m in _EMAIL.finditer(text):
@@ -91,8 +139,7 @@ def _detect_piece(
                     out["email"].add(f"c:{local}@{domain.lower()}")
                 elif cls is AddressClass.EXTERNAL:
                     out["email"].add(f"e:{local}@{domain.lower()}")
-    has_numbers = _digits(text) >= MIN_DIGITS
-    if has_numbers:
+    if _digits(text) >= MIN_DIGITS:
         found, used = numbers.ibans(text)
         spans += used
         if "iban" in out:
@@ -107,10 +154,4 @@ def _detect_piece(
             out["phone"] |= found
         if "national_id" in out:
             out["national_id"] |= numbers.national_ids(numbers.mask(text, used), regions)[0]
-    if "customer_table" in out:
-        if piece.rows:
-            out["customer_table"] |= tables.customer_rows(piece.rows)
-        elif (has_numbers or spans) and text.count("\n") > tables.MIN_ROWS:
-            # A customer table has numbers (phones, dates, house numbers) or addresses in it.
-            out["customer_table"] |= tables.text_rows(piece.text)
     return out

@@ -41,8 +41,8 @@ def header_kinds(cells: Sequence[str]) -> set[str]:
     kinds: set[str] = set()
     for cell in cells:
         c = cell.strip().lower()
-        if not c or len(c) > 40:
-            continue
+        if not c or len(c) > 40 or "@" in c or sum(ch.isdigit() for ch in c) > 2:
+            continue  # a value (an address, a number), not a column name
         for m in _KEYWORD.finditer(c.replace("_", " ").replace(".", " ")):
             kinds.add(_KIND_OF[m.group(1)])
     return kinds
@@ -73,9 +73,9 @@ def customer_rows(rows: Sequence[Sequence[str]]) -> set[int]:
     if len(rows) < MIN_ROWS + 1:
         return set()
     kinds = header_kinds(rows[0])
-    if len(kinds) >= 2 or _shaped_columns(rows[1:]) + (1 if kinds else 0) >= 2:
+    if len(kinds) >= 2 or (kinds and _shaped_columns(rows[1:]) >= 1):
         body = rows[1:]
-    elif _shaped_columns(rows) >= 2:  # no header row at all
+    elif not kinds and _shaped_columns(rows) >= 2:  # no header row: every row is a customer
         body = rows
     else:
         return set()
