@@ -152,3 +152,24 @@ async def test_a_scan_past_its_time_limit_stops_with_over_limit_and_the_pool_goe
         assert dict(ok.counts) == HELD["pdf"].counts
     finally:
         pool.shutdown()
+
+
+async def test_a_scanner_that_runs_out_of_address_space_says_memory_and_the_pool_goes_on(
+    hostile: list[tuple[str, bytes, str]],
+) -> None:
+    """The backstop behind the inflate budget: with that budget lifted, the RLIMIT_AS stops the bomb."""
+    from bccguard.config import from_dict
+    from bccguard.extract.limits import Limits
+    from bccguard.scan import ScanPool
+
+    settings = from_dict(DLP_ON).policy.defaults
+    bomb = dict((name, data) for name, data, _ in hostile)["zip-bomb"]
+    pool = ScanPool()
+    try:
+        tight = Limits(decompressed=4 * 1024**3, memory=256 * 1024**2)
+        f = await pool.run(bomb, settings, tight)
+        assert f.over_limit == ("memory",) and f.counts == ()
+        ok = await pool.run(HELD["csv"].data, settings, tight)
+        assert dict(ok.counts) == HELD["csv"].counts
+    finally:
+        pool.shutdown()
