@@ -173,3 +173,21 @@ async def test_a_scanner_that_runs_out_of_address_space_says_memory_and_the_pool
         assert dict(ok.counts) == HELD["csv"].counts
     finally:
         pool.shutdown()
+
+
+async def test_a_sender_notice_for_a_customer_data_hold_speaks_of_customer_data(
+    start_relay: StartRelay, sink: Sink
+) -> None:
+    from proc import eventually
+
+    app = await start_relay(sink.url, {**DLP_ON, "notify": {"enabled": True}})
+    code, _ = await asyncio.to_thread(
+        data_reply, app.port, "sales@corp.example", [OUTSIDE], HELD["ibans"].data
+    )
+    assert code == 250
+    await eventually(lambda: len(delivered(sink)) == 1, what="the notice")
+    text = delivered(sink)[0].data.decode()
+    assert "X-BCCGuard: notice" in text and "held for review" in text
+    assert "20 IBANs" in text and "customer data" in text
+    assert "To/Cc" not in text and "Bcc" not in text
+    assert_no_values(text)
