@@ -358,3 +358,19 @@ def test_a_scan_stopped_by_time_keeps_what_it_counted() -> None:
     assert 500 <= findings.count("phone") <= 2000
     v = judge(findings, DlpSettings(enabled=True))
     assert v.action is Action.QUARANTINE and v.level == "high"
+
+
+@pytest.mark.parametrize("kind", ["xlsx", "pdf", "docx", "zip"])
+def test_truncated_and_corrupted_documents_never_crash_the_scan(kind: str) -> None:
+    rows = fx.customers(30)
+    ctype, name, good = {
+        "xlsx": (fx.XLSX, "a.xlsx", fx.xlsx_bytes(rows)),
+        "pdf": ("application/pdf", "a.pdf", fx.pdf_bytes(rows)),
+        "docx": (fx.DOCX, "a.docx", fx.docx_bytes(rows)),
+        "zip": ("application/zip", "a.zip", fx.zip_bytes({"a.csv": fx.csv_bytes(rows)})),
+    }[kind]
+    settings = cfg().policy.defaults
+    for cut in range(0, len(good), max(1, len(good) // 40)):
+        for bad in (good[:cut], good[:cut] + bytes(64) + good[cut + 64 :], good[:cut] + good[cut + 1 :]):
+            findings = scan_now(fx.attached("x", name, ctype, bad), settings)
+            assert isinstance(findings, Findings)

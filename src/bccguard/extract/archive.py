@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 
 from bccguard.extract.limits import Budget, LimitReached
 
 CHUNK = 64 * 1024
+# What a corrupt archive raises from zipfile and zlib (RuntimeError: an encrypted member).
+_BROKEN = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, NotImplementedError, RuntimeError)
 
 
 class Unreadable(Exception):
@@ -40,7 +43,7 @@ def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: Budget, cap:
                     raise LimitReached("decompressed")
     except LimitReached:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+    except _BROKEN as exc:
         raise Unreadable(str(exc)) from None
     return bytes(out)
 
@@ -59,5 +62,5 @@ def inflate_all(data: bytes, budget: Budget) -> None:
                     budget.inflate(len(chunk))
         except LimitReached:
             raise
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+        except _BROKEN as exc:
             raise Unreadable(str(exc)) from None

@@ -178,6 +178,10 @@ def _route(  # noqa: PLR0917 - one call site, each argument a different thing
         if exc.kind == "time":
             raise
         budget.note(exc.kind)
+    except (MemoryError, RecursionError):
+        raise
+    except Exception:  # a document that crashes its parser is one we cannot read: a defined verdict
+        acc.unreadable.append(where)
 
 
 def _zip(data: bytes, where: str, budget: Budget, acc: _Acc, depth: int) -> None:
