@@ -102,6 +102,56 @@ def docx_bytes(rows: list[tuple[str, ...]], header: tuple[str, ...] = HEADER) ->
     })  # fmt: skip
 
 
+def ods_bytes(rows: list[tuple[str, ...]], header: tuple[str, ...] = HEADER) -> bytes:
+    """A minimal OpenDocument spreadsheet (mimetype first and stored, as the format requires)."""
+    ns = (
+        'xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" '
+        'xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" '
+        'xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0"'
+    )
+
+    def row(r: tuple[str, ...]) -> str:
+        cells = "".join(
+            f'<table:table-cell office:value-type="string"><text:p>{c}</text:p></table:table-cell>' for c in r
+        )
+        return f"<table:table-row>{cells}</table:table-row>"
+
+    body = "".join(row(r) for r in (header, *rows))
+    content = (
+        f'<?xml version="1.0" encoding="UTF-8"?><office:document-content {ns} office:version="1.2">'
+        f'<office:body><office:spreadsheet><table:table table:name="Customers">{body}</table:table>'
+        "</office:spreadsheet></office:body></office:document-content>"
+    )
+    manifest = (
+        '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest '
+        'xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">'
+        '<manifest:file-entry manifest:full-path="/" '
+        'manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/>'
+        '<manifest:file-entry manifest:full-path="content.xml" manifest:media-type="text/xml"/>'
+        "</manifest:manifest>"
+    )
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("mimetype", "application/vnd.oasis.opendocument.spreadsheet", zipfile.ZIP_STORED)
+        z.writestr("content.xml", content, zipfile.ZIP_DEFLATED)
+        z.writestr("META-INF/manifest.xml", manifest, zipfile.ZIP_DEFLATED)
+    return out.getvalue()
+
+
+def forwarded(inner: bytes) -> bytes:
+    """A message with `inner` attached as message/rfc822 (a forward as attachment)."""
+    from email import message_from_bytes
+    from email import policy as email_policy
+
+    m = EmailMessage()
+    m["From"] = "Sales <sales@corp.example>"
+    m["To"] = "buyer@other.example"
+    m["Subject"] = "Fwd: the list"
+    m.set_content("Forwarding as attached.")
+    m.add_attachment(message_from_bytes(inner, policy=email_policy.default))
+    return m.as_bytes(policy=m.policy.clone(linesep="\r\n"))
+
+
 def zip_bytes(members: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:

@@ -374,3 +374,24 @@ def test_truncated_and_corrupted_documents_never_crash_the_scan(kind: str) -> No
         for bad in (good[:cut], good[:cut] + bytes(64) + good[cut + 64 :], good[:cut] + good[cut + 1 :]):
             findings = scan_now(fx.attached("x", name, ctype, bad), settings)
             assert isinstance(findings, Findings)
+
+
+def test_ods_tsv_and_an_attached_message_are_read_too() -> None:
+    rows = fx.customers(40)
+    counts = fx.customer_counts(40)
+    settings = cfg().policy.defaults
+    ods = fx.attached("x", "list.ods", "application/vnd.oasis.opendocument.spreadsheet", fx.ods_bytes(rows))
+    tsv = fx.attached("x", "list.tsv", "text/tab-separated-values", fx.csv_bytes(rows).replace(b",", b"\t"))
+    inner = fx.attached("x", "list.csv", "text/csv", fx.csv_bytes(rows))
+    for data, kind in ((ods, "sheet"), (tsv, "csv"), (fx.forwarded(inner), "eml")):
+        findings = scan_now(data, settings)
+        assert dict(findings.counts) == counts, kind
+        assert [p.where.split(":")[1] for p in findings.places] == [kind]
+
+
+def test_messages_attached_inside_messages_stop_at_the_depth_limit() -> None:
+    data = fx.attached("x", "list.csv", "text/csv", fx.csv_bytes(fx.customers(20)))
+    for _ in range(6):
+        data = fx.forwarded(data)
+    findings = scan_now(data, cfg().policy.defaults)
+    assert findings.over_limit == ("depth",) and findings.counts == ()

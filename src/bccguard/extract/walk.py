@@ -85,11 +85,23 @@ def place(kind: str, name: str | None, parent: str) -> str:
 
 def _message(data: bytes, parent: str, budget: Budget, acc: _Acc, depth: int) -> None:
     msg = email.message_from_bytes(data, policy=email.policy.compat32)
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
+    for part in _leaves(msg):
         budget.tick()
         _part(part, parent, budget, acc, depth)
+
+
+def _leaves(msg: Message) -> list[Message]:
+    """Leaf parts in order; an attached message is a leaf (read one level deeper, under the depth limit)."""
+    out: list[Message] = []
+    stack = [msg]
+    while stack:
+        part = stack.pop()
+        if part.get_content_type() != "message/rfc822" and part.is_multipart():
+            payload = part.get_payload()
+            stack.extend(reversed(payload if isinstance(payload, list) else []))
+        else:
+            out.append(part)
+    return out
 
 
 def _part(part: Message, parent: str, budget: Budget, acc: _Acc, depth: int) -> None:
