@@ -98,7 +98,8 @@ def _leaves(msg: Message) -> list[Message]:
         part = stack.pop()
         if part.get_content_type() != "message/rfc822" and part.is_multipart():
             payload = part.get_payload()
-            stack.extend(reversed(payload if isinstance(payload, list) else []))
+            subparts = [p for p in payload if isinstance(p, Message)] if isinstance(payload, list) else []
+            stack.extend(reversed(subparts))
         else:
             out.append(part)
     return out
