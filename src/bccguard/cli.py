@@ -374,7 +374,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         return EX_USAGE
     env = Envelope(mail_from=mail_from, rcpt_tos=tuple(rcpts), smtputf8=not data.isascii())
-    outcome = evaluate(data, env, cfg.policy)
+    outcome = evaluate(data, env, cfg.policy, _scan(data, env, cfg))
     v = outcome.verdict
     result: dict[str, Any] = {
         "action": v.action.value,
@@ -389,6 +389,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         "reason": v.reason,
         "signed": v.signed,
     }
+    if v.dlp is not None:
+        from bccguard.policy.dlp.verdict import summary
+
+        result["dlp"] = summary(v.dlp, places=True)
     if args.show:
         out_block = parse_header(outcome.message)
         result["headers"] = outcome.message[: out_block.body_offset].decode("utf-8", "surrogateescape")
@@ -404,10 +408,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EX_CHANGED if v.changes_message else EX_OK
 
 
+def _scan(data: bytes, env: Any, cfg: Any) -> Any:
+    """The relay's customer-data scan, run here in-process (same extraction, same detectors)."""
+    from bccguard.policy.decide import select_rule
+    from bccguard.scan import in_scope, scan_now
+
+    _, settings = select_rule(cfg.policy, env)
+    return scan_now(data, settings) if in_scope(env, settings) else None
+
+
 def _print_human(r: dict[str, Any], n_rcpts: int) -> None:
     verb = {
         "pass": "would go out unchanged",
-        "audit": "would go out unchanged (audit mode: it would be rewritten if enforced)",
+        "audit": "would go out unchanged (audit mode: recorded"
+        + (", it would be rewritten if enforced)" if r["would"] else ")"),
         "rewrite": "would be rewritten: external addresses hidden from To/Cc",
         "split": "would be split into one copy per external recipient",
         "quarantine": "would be held in quarantine for an admin",
@@ -422,6 +436,16 @@ def _print_human(r: dict[str, Any], n_rcpts: int) -> None:
     )
     if r["hidden"]:
         print(f"hidden:   {r['hidden']}")
+    if "dlp" in r:
+        d = r["dlp"]
+        counts = ", ".join(f"{k} {n}" for k, n in d["counts"].items()) or "nothing"
+        print(f"customer data: {counts}" + (f" ({d['level']} volume)" if d["level"] else ""))
+        for where, c in d["places"].items():
+            print(f"  {where}: " + ", ".join(f"{k} {n}" for k, n in c.items()))
+        if d.get("unreadable"):
+            print(f"  unreadable parts: {d['unreadable']}")
+        if d.get("over_limit"):
+            print(f"  scan limits reached: {', '.join(d['over_limit'])}")
     if "headers" in r:
         print("\n" + r["headers"].rstrip("\r\n").replace("\r\n", "\n"))
 

@@ -429,6 +429,76 @@ class LoggingConfig:
     log_addresses: bool = False
 
 
+DLP_DETECTORS = ("email", "phone", "iban", "card", "national_id", "customer_table")
+DLP_ACTIONS = ("pass", "audit", "quarantine", "reject")
+DLP_SOFT_ACTIONS = ("pass", "audit", "quarantine")
+
+
+def _regions(values: list[str]) -> tuple[str, ...]:
+    """ISO 3166 alpha-2 codes the phone library knows (it also drives national IDs)."""
+    import phonenumbers  # lazy: only configs that name regions pay for the import
+
+    known = phonenumbers.SUPPORTED_REGIONS
+    out = []
+    for v in values:
+        code = v.strip().upper()
+        if code not in known:
+            raise ValueError(f"{v!r} is not a region code")
+        out.append(code)
+    if not out:
+        raise ValueError("needs at least one region")
+    return tuple(dict.fromkeys(out))
+
+
+def _detectors(values: list[str]) -> tuple[str, ...]:
+    for v in values:
+        if v not in DLP_DETECTORS:
+            raise ValueError(f"{v!r} is not a detector")
+    return tuple(dict.fromkeys(values))
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def check(v: str) -> str:
+        if v not in choices:
+            raise ValueError(f"{v!r} is not one of {', '.join(choices)}")
+        return v
+
+    return check
+
+
+@dataclass(frozen=True)
+class DlpSettings:
+    """`[dlp]`: customer data in bodies and attachments (README "Customer data").
+
+    Off by default so an upgrade changes nothing. Each key may be overridden
+    per `[[policy.rules]]` entry as `dlp_<key>`; a rule then holds a merged copy.
+    Thresholds count distinct instances of one detector in the whole message.
+    """
+
+    enabled: bool = False
+    regions: tuple[str, ...] = field(
+        default=("GB",), metadata=_check(_regions, 'ISO country codes, e.g. ["GB", "IE"]')
+    )
+    detectors: tuple[str, ...] = field(
+        default=DLP_DETECTORS,
+        metadata=_check(_detectors, f"a list from {', '.join(DLP_DETECTORS)}"),
+    )
+    low: int = field(default=1, metadata=_check(_positive, "distinct instances, e.g. 1"))
+    high: int = field(default=10, metadata=_check(_positive, "distinct instances, e.g. 10"))
+    low_action: str = field(
+        default="audit", metadata=_check(_one_of(DLP_ACTIONS), " | ".join(DLP_ACTIONS))
+    )
+    high_action: str = field(
+        default="quarantine", metadata=_check(_one_of(DLP_ACTIONS), " | ".join(DLP_ACTIONS))
+    )
+    unreadable: str = field(
+        default="audit", metadata=_check(_one_of(DLP_SOFT_ACTIONS), " | ".join(DLP_SOFT_ACTIONS))
+    )
+    over_limit: str = field(
+        default="audit", metadata=_check(_one_of(DLP_ACTIONS), " | ".join(DLP_ACTIONS))
+    )
+
+
 @dataclass(frozen=True)
 class PolicySettings:
     """The [policy] keys a rule may override; a rule holds a full merged copy."""
@@ -454,6 +524,9 @@ class PolicySettings:
     # by default: privacy first, and the corporate MTA behind bccguard
     # usually signs again (see policy/dkim.py for the reasoning).
     on_signed: OnSigned = OnSigned.REWRITE
+    # Not a [policy] key: the [dlp] section, merged with a rule's `dlp_<key>`
+    # overrides, so the engine reads one settings object per rule.
+    dlp: DlpSettings = field(default_factory=DlpSettings, metadata={"internal": True})
 
 
 @dataclass(frozen=True)
@@ -488,6 +561,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    dlp: DlpSettings = field(default_factory=DlpSettings)
     source: str = "embedded defaults"
 
 
@@ -553,7 +627,7 @@ def _build(cls: type[Any], data: dict[str, Any], path: str, problems: list[str])
     fields = {
         f.metadata.get("key", f.name): f
         for f in dataclasses.fields(cls)
-        if f.init and f.name != "source"
+        if f.init and f.name != "source" and not f.metadata.get("internal", False)
     }
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -596,10 +670,16 @@ _RULE_KEYS = {"name", "senders", "users"}
 RULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
+DLP_PREFIX = "dlp_"
+
+
+def _build_policy(data: dict[str, Any], problems: list[str], dlp: DlpSettings | None = None) -> PolicyConfig:
     data = dict(data)
     raw_rules = data.pop("rules", [])
     defaults = _build(PolicySettings, data, "policy.", problems) or PolicySettings()
+    dlp = dlp or DlpSettings()
+    defaults = dataclasses.replace(defaults, dlp=dlp)
+    dlp_names = {f"{DLP_PREFIX}{f.name}" for f in dataclasses.fields(DlpSettings)}
     if not isinstance(raw_rules, list):
         problems.append("policy.rules: expected [[policy.rules]] tables")
         return PolicyConfig(defaults=defaults)
@@ -629,15 +709,21 @@ def _build_policy(data: dict[str, Any], problems: list[str]) -> PolicyConfig:
                 f'{where}: a rule needs senders or users '
                 f'(fix: senders = ["*@marketing.corp.example"] or users = ["alice"])'
             )
-        overrides = {k: v for k, v in raw.items() if k not in _RULE_KEYS}
+        overrides = {k: v for k, v in raw.items() if k not in _RULE_KEYS and k not in dlp_names}
         for k in list(overrides):
-            if k not in setting_names:
-                problems.append(f"{where}.{k}: unknown key ({_suggest(k, setting_names | _RULE_KEYS)})")
+            if k not in setting_names or k == "dlp":
+                known = (setting_names - {"dlp"}) | _RULE_KEYS | dlp_names
+                problems.append(f"{where}.{k}: unknown key ({_suggest(k, known)})")
                 del overrides[k]
+        dlp_over = {k[len(DLP_PREFIX) :]: v for k, v in raw.items() if k in dlp_names}
         sub = _build(PolicySettings, overrides, f"{where}.", problems)
-        if sub is None:
+        sub_dlp = _build(DlpSettings, dlp_over, f"{where}.{DLP_PREFIX}", problems)
+        if sub is None or sub_dlp is None:
             continue
-        merged = dataclasses.replace(defaults, **{k: getattr(sub, k) for k in overrides})
+        rule_dlp = dataclasses.replace(dlp, **{k: getattr(sub_dlp, k) for k in dlp_over})
+        merged = dataclasses.replace(
+            defaults, dlp=rule_dlp, **{k: getattr(sub, k) for k in overrides}
+        )
         rules.append(
             Rule(
                 name=name,
@@ -669,7 +755,7 @@ def from_dict(data: dict[str, Any], *, source: str = "embedded defaults") -> Con
     if not isinstance(policy_raw, dict):
         problems.append("policy: expected a [policy] table")
         policy_raw = {}
-    policy = _build_policy(policy_raw, problems)
+    policy = _build_policy(policy_raw, problems, cfg.dlp if cfg is not None else None)
     if problems or cfg is None:
         raise ConfigError([f"{source}: {p}" for p in problems])
     cfg = dataclasses.replace(cfg, policy=policy, source=source)
@@ -703,6 +789,12 @@ def _cross_checks(cfg: Config, source: str) -> None:
         problems.append(
             "server.event_loop: uvloop is not installed (fix: pip install uvloop, or \"auto\")"
         )
+    for name, settings in (("", cfg.policy.defaults), *((r.name, r.settings) for r in cfg.policy.rules)):
+        if settings.dlp.low > settings.dlp.high:
+            where = f"policy.rules {name!r}: dlp_low" if name else "dlp.low"
+            problems.append(
+                f"{where}: {settings.dlp.low} is above high ({settings.dlp.high}) (fix: low <= high)"
+            )
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
 
@@ -741,6 +833,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConsoleConfig",
+    "DlpSettings",
     "LoggingConfig",
     "MetricsConfig",
     "NotifyConfig",

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from bccguard.policy.model import Action
+from bccguard.policy.model import Action, Verdict
 from bccguard.policy.notice import build_notice, is_automatic
 
 if TYPE_CHECKING:
@@ -85,6 +85,8 @@ class Notifier:
             hostname=hostname,
             count=count,
             rule=v.rule,
+            # held or refused for customer data alone ([dlp]), not for To/Cc: say so
+            customer_data=_customer_data(v),
         )
         try:
             await asyncio.to_thread(
@@ -96,3 +98,9 @@ class Notifier:
             return
         rt.metrics.notice("sent")
         rt.wake()
+
+
+def _customer_data(v: Verdict) -> str:
+    if v.dlp is None or v.exposure or v.dlp.action is not v.action:
+        return ""
+    return "customer data: " + v.dlp.reason.removeprefix("customer data in the message: ")

@@ -39,9 +39,11 @@ from bccguard.config import Config
 from bccguard.notify import Notifier
 from bccguard.ops.logs import domain_of, redact
 from bccguard.ops.metrics import Metrics
+from bccguard.policy.dlp.verdict import summary as dlp_log_fields
 from bccguard.policy.dsn import Failure, build_dsn
 from bccguard.policy.engine import Outcome, evaluate
 from bccguard.policy.model import Action, Envelope
+from bccguard.scan import scan
 from bccguard.smtp.auth import Credentials
 from bccguard.smtp.server import peer_ip
 from bccguard.store.quarantine import Quarantine
@@ -165,14 +167,18 @@ class Relay:
                 action = "reject"
             else:
                 t0 = time.perf_counter()
+                findings = await scan(content, env, rt.config)  # customer data ([dlp]); None when off
                 if content.find(b"\r\n\r\n", 0, BIG_HEADER) < 0 and len(content) > BIG_HEADER:
                     # A header block this large takes tens of ms or more to parse:
                     # in a thread, the other sessions keep being served meanwhile.
-                    outcome = await asyncio.to_thread(evaluate, content, env, rt.config.policy)
+                    outcome = await asyncio.to_thread(evaluate, content, env, rt.config.policy, findings)
                 else:
-                    outcome = evaluate(content, env, rt.config.policy)
+                    outcome = evaluate(content, env, rt.config.policy, findings)
                 inspect_s = time.perf_counter() - t0
                 v = outcome.verdict
+                if v.dlp is not None:
+                    log_fields["dlp"] = dlp_log_fields(v.dlp)
+                    rt.metrics.dlp(v.dlp, action=v.action.value)
                 rule = v.rule
                 action = v.action.value
                 log_fields.update(

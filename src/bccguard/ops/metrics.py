@@ -41,6 +41,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from bccguard.policy.model import DlpVerdict
+
 PREFIX: Final = "bccguard"
 
 ACTIONS: Final = ("pass", "audit", "rewrite", "split", "quarantine", "reject", "tempfail")
@@ -74,6 +76,11 @@ RELEASE_RESULTS: Final = ("released", "partial", "failed")
 # Sender notices: spooled for delivery, dropped by the per-sender rate limit, or
 # suppressed because the message was automatic (bounce, list, auto-reply).
 NOTICE_RESULTS: Final = ("sent", "rate_limited", "suppressed")
+
+# Customer data ([dlp]): detectors, levels and scan limits (policy/dlp/model.py).
+DLP_DETECTORS: Final = ("email", "phone", "iban", "card", "national_id", "customer_table")
+DLP_LEVELS: Final = ("low", "high")
+DLP_LIMITS: Final = ("bytes", "decompressed", "depth", "members", "pages", "time", "memory")
 
 DEFAULT_RULE: Final = "default"
 # A config has a handful of rules; a caller passing something unbounded (a
@@ -314,6 +321,32 @@ class Metrics:
         )  # fmt: skip
         self._notices = {k: c for (k,), c in _children(notices, NOTICE_RESULTS).items()}
 
+        # --- customer data ([dlp]): counts by detector, level and action, never a value
+        dlp_messages = Counter(
+            f"{p}_dlp_messages",
+            "Messages scanned for customer data in which a detector reached a level, by detector, level "
+            "and the action taken on the message.",
+            ["detector", "level", "action"], registry=r,
+        )  # fmt: skip
+        self._dlp_messages = _children(dlp_messages, DLP_DETECTORS, DLP_LEVELS, ACTIONS)
+        dlp_instances = Counter(
+            f"{p}_dlp_instances", "Distinct instances found per message, summed, by detector.",
+            ["detector"], registry=r,
+        )  # fmt: skip
+        self._dlp_instances = {k: c for (k,), c in _children(dlp_instances, DLP_DETECTORS).items()}
+        self._dlp_scanned = Counter(
+            f"{p}_dlp_scanned_bytes", "Bytes of text handed to the customer-data detectors.", registry=r
+        )
+        dlp_over = Counter(
+            f"{p}_dlp_over_limit", "Messages whose customer-data scan stopped at a limit, by limit.",
+            ["limit"], registry=r,
+        )  # fmt: skip
+        self._dlp_over = {k: c for (k,), c in _children(dlp_over, DLP_LIMITS).items()}
+        self._dlp_unreadable = Counter(
+            f"{p}_dlp_unreadable_parts", "Encrypted or broken parts the customer-data scan could not read.",
+            registry=r,
+        )  # fmt: skip
+
         # --- process
         reloads = Counter(
             f"{p}_config_reloads", "Configuration reloads (SIGHUP), by result.",
@@ -405,6 +438,22 @@ class Metrics:
     def signed_message(self, action: str) -> None:
         """A message signed over To/Cc met a rewrite; `action` is what happened to it."""
         _get(self._signed, action, "action").inc()
+
+    def dlp(self, verdict: DlpVerdict, *, action: str) -> None:
+        """One scanned message's customer-data findings: counts by closed label sets only."""
+        for detector, n in verdict.counts.items():
+            _get(self._dlp_instances, detector, "detector").inc(n)
+        for detector, level in verdict.levels.items():
+            try:
+                child = self._dlp_messages[(detector, level, action)]
+            except KeyError:
+                raise ValueError(f"unknown detector/level/action {(detector, level, action)}") from None
+            child.inc()
+        self._dlp_scanned.inc(verdict.scanned_bytes)
+        for limit in verdict.over_limit:
+            _get(self._dlp_over, limit, "limit").inc()
+        if verdict.unreadable:
+            self._dlp_unreadable.inc(verdict.unreadable)
 
     # --------------------------------------------------------------- upstream
 

@@ -13,6 +13,8 @@ from bccguard.policy.addresses import Item, addresses_of, first_from, parse_fiel
 from bccguard.policy.classify import envelope_domain, external_test, rcpt_external_test
 from bccguard.policy.decide import decide_with, select_rule
 from bccguard.policy.dkim import breaks_signature, signed_fields
+from bccguard.policy.dlp.model import Findings
+from bccguard.policy.dlp.verdict import with_findings
 from bccguard.policy.headers import HeaderBlock, parse_header
 from bccguard.policy.model import Action, Address, Envelope, RewriteTo, Verdict
 from bccguard.policy.rewrite import rewrite_headers
@@ -49,12 +51,17 @@ def reply_to_for(block: HeaderBlock, settings: PolicySettings) -> str | None:
     return sender.address.raw if sender is not None else None
 
 
-def evaluate(message: bytes, envelope: Envelope, policy: PolicyConfig) -> Outcome:
+def evaluate(
+    message: bytes, envelope: Envelope, policy: PolicyConfig, findings: Findings | None = None
+) -> Outcome:
+    """`findings`: what the customer-data scan (bccguard.scan) found; None when it did not run."""
     block = parse_header(message)
     parsed = parse_fields(block)  # once: decide and the rewrite read the same parse
     visible = tuple(addresses_of(parsed))
     rule, settings = select_rule(policy, envelope)  # once: every step below uses the same rule
     verdict = decide_with(rule, settings, envelope, visible)
+    if findings is not None:  # [dlp]: the stricter of the two verdicts wins
+        verdict = with_findings(verdict, findings, settings.dlp)
     out = message
     split = None
     changes = verdict.action in (Action.REWRITE, Action.SPLIT)

@@ -7,7 +7,7 @@ relay acts on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -83,6 +83,26 @@ class Envelope:
 
 
 @dataclass(frozen=True, slots=True)
+class DlpVerdict:
+    """What the customer-data detectors found and what [dlp] makes of it: counts, never values.
+
+    `level` is "high", "low" or "" (nothing reached `low`); `counts` maps each
+    detector that found something to its distinct instances; `unreadable` is
+    how many parts could not be read; `over_limit` names the scan limits reached.
+    """
+
+    action: Action
+    level: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+    levels: dict[str, str] = field(default_factory=dict)  # detector -> "low" | "high", those that reached one
+    places: dict[str, dict[str, int]] = field(default_factory=dict)
+    unreadable: int = 0
+    over_limit: tuple[str, ...] = ()
+    scanned_bytes: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """What the policy decided for one message, and the numbers behind it.
 
@@ -103,6 +123,7 @@ class Verdict:
     would: Action | None = None
     reason: str = ""
     signed: bool = False
+    dlp: DlpVerdict | None = None  # set when [dlp] scanned the message (enabled, in scope)
 
     @property
     def changes_message(self) -> bool:

@@ -92,22 +92,41 @@ def build_notice(
     hostname: str,
     count: int,
     rule: str,
+    customer_data: str = "",
 ) -> bytes:
-    """A short text/plain message for `sender` about one processed message."""
+    """A short text/plain message for `sender` about one processed message.
+
+    `customer_data`: the [dlp] reason (counts only) when customer data in the
+    body or attachments, not To/Cc, is why the message was held or refused.
+    """
     _, what = _WHAT[action]
     subject = display_subject(block)
     msgid = _value(block, "message-id")
-    lines = [
-        f'Your message "{subject}" exposed customer addresses to each other.',
-        "",
-        what.format(n=count),
-        "",
-        f"Policy rule: {rule}",
-        "",
-        "Next time: put customer addresses in Bcc, not in To or Cc. Each",
-        "customer still gets the message, and nobody sees the others.",
-    ]
-    if action is Action.REJECT:
+    if customer_data:
+        lines = [
+            f'Your message "{subject}" was going outside the company with {customer_data}.',
+            "",
+            "It is held for an administrator, who will release or delete it. Nobody has received it yet."
+            if action is Action.QUARANTINE
+            else "It was refused; nobody received it.",
+            "",
+            f"Policy rule: {rule}",
+            "",
+            "Customer lists go to colleagues and trusted partners only; ask your",
+            "data-protection contact before sending customers' data to anyone else.",
+        ]
+    else:
+        lines = [
+            f'Your message "{subject}" exposed customer addresses to each other.',
+            "",
+            what.format(n=count),
+            "",
+            f"Policy rule: {rule}",
+            "",
+            "Next time: put customer addresses in Bcc, not in To or Cc. Each",
+            "customer still gets the message, and nobody sees the others.",
+        ]
+    if action is Action.REJECT and not customer_data:
         lines += ["", "To send this message, move the customer addresses to Bcc and send it again."]
     body = "\r\n".join([*lines, "", f"-- bccguard at {hostname}", ""])
     head = [
