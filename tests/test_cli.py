@@ -131,3 +131,24 @@ def test_serve_with_bad_config_exits_78_without_traceback(tmp_path: Path) -> Non
     assert proc.returncode == 78
     assert proc.stderr.startswith("bccguard: config error:") and "upstream.url" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_config_durations_share_the_purge_syntax_and_numbers_stay_seconds(tmp_path: Path, capsys) -> None:
+    from bccguard.config import load
+
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[server]\ncommand_timeout = "5m"\nshutdown_timeout = 45\n[upstream]\ntimeout = 60.0\n'
+        'pool_idle = "30s"\n[spool]\nretry_schedule = ["1m", 300]\nmax_age = "2w"\n'
+    )
+    cfg = load(good)
+    assert (cfg.server.command_timeout, cfg.server.shutdown_timeout) == (300.0, 45.0)
+    assert (cfg.upstream.timeout, cfg.upstream.pool_idle) == (60.0, 30.0)
+    assert cfg.spool.retry_schedule == (60.0, 300.0) and cfg.spool.max_age == 14 * 86400.0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[upstream]\ntimeout = "60"\n[spool]\nmax_age = "soon"\n')
+    assert main(["config", "check", "--config", str(bad)]) == 78
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert "upstream.timeout: '60' has no unit" in err[0] and '"1m"' in err[0]
+    assert "spool.max_age: 'soon' is not a duration" in err[1]

@@ -109,7 +109,12 @@ def _quarantine_parser(sub: Any) -> None:
     p.add_argument("id", metavar="ID")
     _config_arg(p)
     p = q_sub.add_parser("purge", help="remove messages held longer than a duration")
-    p.add_argument("--older-than", required=True, metavar="AGE", help='e.g. "30d", "12h"')
+    p.add_argument(
+        "--older-than", required=True, metavar="AGE",
+        help='a duration with its unit: "30d", "12h", "90m", "45s", "2w"',
+    )  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask (needed without a terminal)")
     _config_arg(p)
 
 
@@ -152,7 +157,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             case "delete":
                 return review.cmd_delete(cfg, args.id)
             case _:
-                return review.cmd_purge(cfg, args.older_than)
+                return _purge(cfg, args)
     except review.ReviewError as exc:
         print(f"bccguard: {exc}", file=sys.stderr)
         return exc.code
@@ -163,6 +168,30 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _purge(cfg: Config, args: argparse.Namespace) -> int:
+    """Purge with a question on a terminal; without one, only with --yes (or --dry-run)."""
+    from bccguard import review
+
+    review.purge_age(args.older_than)  # a bad duration is the first thing to hear about
+    confirm = None
+    if not (args.dry_run or args.yes):
+        if not sys.stdin.isatty():
+            print(
+                "bccguard: purge deletes held mail for good and there is no terminal to ask "
+                "(fix: pass --yes, or --dry-run to list what would go)",
+                file=sys.stderr,
+            )
+            return EX_USAGE
+        confirm = _ask
+    return review.cmd_purge(cfg, args.older_than, dry_run=args.dry_run, confirm=confirm)
+
+
+def _ask(question: str) -> bool:
+    sys.stdout.flush()
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -163,6 +163,43 @@ def _consumer(value: str | list[str]) -> frozenset[str]:
 
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+DURATION_FORMS = '"45s", "90m", "12h", "30d" or "2w"'
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+
+
+def parse_duration(value: str | int | float) -> float:
+    """The one duration syntax of bccguard: '45s', '90m', '12h', '30d', '2w' -> seconds.
+
+    Text needs a unit. Why: `purge --older-than 30` once meant 30 seconds and
+    emptied a quarantine; an admin who writes "30" means days as often as
+    seconds, so a bare number is refused with the forms that work. A TOML
+    number (`timeout = 60.0`) is seconds, as the config always read it.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like {DURATION_FORMS}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        v = value.strip().lower()
+        m = _DURATION_RE.fullmatch(v)
+        if m is None:
+            try:
+                float(v)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a duration (use {DURATION_FORMS})") from None
+            raise ValueError(f"{value!r} has no unit (use {DURATION_FORMS})")
+        seconds = float(m.group(1)) * DURATION_UNITS[m.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{value!r} is not a positive duration")
+    return seconds
+
+
+def _seconds(example: str) -> dict[str, Any]:
+    """Metadata for a duration key: a TOML number (seconds) or a duration string."""
+    return {**_check(parse_duration, f"a duration such as {example}, or a number of seconds"), "raw": True}
+
+
 UPSTREAM_SCHEMES = ("smtp", "smtp+starttls", "smtps", "maildir")
 
 
@@ -220,8 +257,8 @@ class ServerConfig:
     )
     max_sessions: int = field(default=500, metadata=_check(_positive, "e.g. 500"))
     max_sessions_per_ip: int = field(default=50, metadata=_check(_positive, "e.g. 50"))
-    command_timeout: float = field(default=300.0, metadata=_check(_positive, "seconds, e.g. 300"))
-    data_timeout: float = field(default=600.0, metadata=_check(_positive, "seconds, e.g. 600"))
+    command_timeout: float = field(default=300.0, metadata=_seconds('"5m"'))
+    data_timeout: float = field(default=600.0, metadata=_seconds('"10m"'))
     max_bad_commands: int = field(default=20, metadata=_check(_positive, "e.g. 20"))
     # Postfix's smtpd_min_data_rate: each byte received during DATA buys
     # 1/min_data_rate more seconds, so big uploads at a sane rate never time
@@ -230,7 +267,7 @@ class ServerConfig:
     # AUTH PLAIN/LOGIN against `user:hash` lines (`bccguard passwd`); only over TLS.
     auth_file: str = ""
     max_auth_failures: int = field(default=3, metadata=_check(_positive, "e.g. 3"))
-    shutdown_timeout: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
+    shutdown_timeout: float = field(default=30.0, metadata=_seconds('"30s"'))
     proxy_protocol: bool = False
     # Processes sharing the port (SO_REUSEPORT) under one supervisor; 1: no
     # supervisor. "auto" (the default) is resolved here, at load, to one per
@@ -259,12 +296,12 @@ class UpstreamConfig:
             _upstream_url, 'use "smtp://host:port", "smtp+starttls://…", "smtps://…" or "maildir:DIR"'
         ),
     )
-    timeout: float = field(default=60.0, metadata=_check(_positive, "seconds, e.g. 60"))
+    timeout: float = field(default=60.0, metadata=_seconds('"1m"'))
     helo_name: str = ""
     verify_tls: bool = True
     ca_file: str = ""
     pool_size: int = field(default=20, metadata=_check(_non_negative, "0 disables pooling"))
-    pool_idle: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
+    pool_idle: float = field(default=30.0, metadata=_seconds('"30s"'))
 
 
 @dataclass(frozen=True)
@@ -272,27 +309,9 @@ class QuarantineConfig:
     path: str = "var/quarantine"
 
 
-def parse_duration(value: str | int | float) -> float:
-    """'90s', '15m', '1h', '5d' or plain seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError('expected a duration like "15m"')
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        v = value.strip().lower()
-        units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-        mult = units.get(v[-1:], 0)
-        num = v[:-1] if mult else v
-        try:
-            seconds = float(num) * (mult or 1)
-        except ValueError:
-            raise ValueError(f'{value!r} is not a duration like "15m", "1h" or "5d"') from None
-    if seconds <= 0:
-        raise ValueError(f"{value!r} is not a positive duration")
-    return seconds
-
-
-def _durations(values: list[str]) -> tuple[float, ...]:
+def _durations(values: Any) -> tuple[float, ...]:
+    if not isinstance(values, list):
+        raise ValueError(f"expected a list of durations, got {_describe(values)}")
     if not values:
         raise ValueError("needs at least one step")
     return tuple(parse_duration(v) for v in values)
@@ -305,11 +324,14 @@ class SpoolConfig:
     path: str = "var/spool"
     retry_schedule: tuple[float, ...] = field(
         default=(60.0, 300.0, 900.0, 1800.0, 3600.0),
-        metadata=_check(_durations, 'a list of durations, e.g. ["1m", "5m", "15m", "30m", "1h"]'),
+        metadata={
+            **_check(_durations, 'a list of durations, e.g. ["1m", "5m", "15m", "30m", "1h"]'),
+            "raw": True,
+        },
     )
     max_age: float = field(
         default=5 * 86400.0,
-        metadata={**_check(parse_duration, 'a duration, e.g. "5d"'), "raw": True},
+        metadata=_seconds('"5d"'),
     )
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from bccguard.config import Config, parse_duration
@@ -247,22 +247,63 @@ def cmd_delete(cfg: Config, entry_id: str, *, out: TextIO = sys.stdout) -> int:
     return EX_OK
 
 
-def cmd_purge(cfg: Config, older_than: str, *, out: TextIO = sys.stdout) -> int:
+def purge_age(older_than: str) -> float:
+    """`--older-than` in seconds; a bare number is refused (30 meant seconds once, and emptied a store)."""
     try:
-        seconds = parse_duration(older_than)
+        return parse_duration(older_than)
     except ValueError as exc:
         raise _fail(f"--older-than: {exc} (fix: e.g. --older-than 30d)") from None
+
+
+def cmd_purge(
+    cfg: Config,
+    older_than: str,
+    *,
+    dry_run: bool = False,
+    confirm: Callable[[str], bool] | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Remove what was held longer than `older_than`; list it first.
+
+    `dry_run` lists and stops. `confirm` (the CLI passes a terminal prompt
+    unless --yes) sees the summary and may decline: held mail is the only
+    copy of a message, so a purge is never a surprise.
+    """
+    seconds = purge_age(older_than)
     q = _store(cfg)
     if not q.path.is_dir():
         print(f"nothing to purge: {q.path} does not exist", file=out)
         return EX_OK
+    plan = q.purge_plan(seconds)
     counts = {"entry": 0, "orphan": 0, "temp": 0}
-    for item, kind in q.purge(seconds):
+    for item, kind in plan:
         counts[kind] += 1
-        q.audit("purge", item, "removed", kind=kind, older_than=older_than)
-    print(
-        f"purged {counts['entry']} entries older than {older_than}, "
-        f"{counts['orphan']} orphan messages, {counts['temp']} temp files",
-        file=out,
+        print(_purge_line(q, item, kind), file=out)
+    what = (
+        f"{counts['entry']} entries older than {older_than}, "
+        f"{counts['orphan']} orphan messages, {counts['temp']} temp files"
     )
+    if dry_run:
+        print(f"would purge {what} (--dry-run: nothing removed)", file=out)
+        return EX_OK
+    if not plan:
+        print(f"nothing to purge in {q.path}: {what}", file=out)
+        return EX_OK
+    if confirm is not None and not confirm(f"purge {what} from {q.path} for good?"):
+        print("nothing purged", file=out)
+        return EX_FAILED
+    for item, kind in q.purge(plan):
+        q.audit("purge", item, "removed", kind=kind, older_than=older_than)
+    print(f"purged {what}", file=out)
     return EX_OK
+
+
+def _purge_line(q: Quarantine, item: str, kind: str) -> str:
+    if kind != "entry":
+        why = "an interrupted write" if kind == "temp" else "orphan message, never answered 250"
+        return f"{item:<30} ({why})"
+    try:
+        s = summary(q, q.get(item))
+    except (OSError, ValueError):
+        return f"{item:<30} (unreadable entry)"
+    return f"{item:<30} {s['received'][:19]:<19} {s['mail_from'] or '<>'} / {s['subject'][:60]}"
