@@ -152,3 +152,27 @@ def test_config_durations_share_the_purge_syntax_and_numbers_stay_seconds(tmp_pa
     assert len(err) == 2
     assert "upstream.timeout: '60' has no unit" in err[0] and '"1m"' in err[0]
     assert "spool.max_age: 'soon' is not a duration" in err[1]
+
+
+@pytest.mark.parametrize(("rcpt", "verdict_code"), [(None, 1), ("boss@corp.example", 0)])
+@pytest.mark.parametrize("fmt", [[], ["--json"], ["--show"]])
+def test_check_into_a_closed_pipe_ends_quietly_with_the_verdict(
+    tmp_path: Path, cfg: Path, rcpt: str | None, verdict_code: int, fmt: list[str]
+) -> None:
+    """`bccguard check m.eml | head -1`: head may be gone before check writes; no traceback, same code."""
+    import os
+
+    eml = tmp_path / "survey.eml"
+    eml.write_bytes(SURVEY.encode())
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte: every write hits EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bccguard.cli", "check", str(eml), "--config", str(cfg), *fmt,
+             *(["--rcpt", rcpt] if rcpt else [])],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""
+    assert proc.returncode == verdict_code

@@ -138,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `bccguard quarantine list | head`: what was asked for is done
+        _stdout_closed()
+        return EX_OK
     parser.print_help(sys.stderr)
     return EX_USAGE
 
@@ -333,16 +336,33 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.show:
         out_block = parse_header(outcome.message)
         result["headers"] = outcome.message[: out_block.body_offset].decode("utf-8", "surrogateescape")
-    if args.json:
-        text = json.dumps(result, ensure_ascii=False)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # undecodable 8-bit bytes in the message: escape, stay valid JSON
-            text = json.dumps(result, ensure_ascii=True)
-        print(text)
-    else:
-        _print_human(result, len(rcpts))
-    return EX_CHANGED if v.changes_message else EX_OK
+    code = EX_CHANGED if v.changes_message else EX_OK
+    try:
+        if args.json:
+            text = json.dumps(result, ensure_ascii=False)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable 8-bit bytes in the message: escape, stay valid JSON
+                text = json.dumps(result, ensure_ascii=True)
+            print(text)
+        else:
+            _print_human(result, len(rcpts))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_closed()  # `check ... | head -1`: the reader has what it wanted; the verdict stands
+    return code
+
+
+def _stdout_closed() -> None:
+    """The reader closed our stdout: point it at /dev/null so the exit flush stays quiet.
+
+    The recipe of the Python docs (signal module, "Note on SIGPIPE"): Python
+    ignores SIGPIPE, so a write raises BrokenPipeError, and the interpreter's
+    own flush at exit would raise it again and print a traceback.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _print_human(r: dict[str, Any], n_rcpts: int) -> None:
