@@ -23,6 +23,7 @@ from bccguard.config import Config, ConfigError, load, parse_hostport
 from bccguard.notify import Notifier
 from bccguard.ops.logs import get_logger
 from bccguard.ops.metrics import Metrics
+from bccguard.preflight import binding
 from bccguard.relay import Runtime
 from bccguard.retry import Retrier
 from bccguard.smtp.auth import Credentials, CredentialsError
@@ -63,8 +64,10 @@ class App:
         config_path: str | None = None,
         metrics: Metrics | None = None,
         worker: WorkerRole | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         self.config_path = config_path
+        self.overrides = overrides  # `serve --listen ...`: laid over the file again on each reload
         # Under a supervisor: share the port, leave /metrics to it, enforce a share of the limits.
         self.worker = worker
         self.log = get_logger("bccguard")
@@ -124,16 +127,18 @@ class App:
         if self.worker is not None:
             # The supervisor reserved the port (and resolved ":0"); every worker joins it.
             port = self.worker.port
-        self.server = await loop.create_server(
-            factory, host=host or None, port=port, reuse_port=self.worker is not None
-        )
+        with binding("server.listen", cfg.server.listen):
+            self.server = await loop.create_server(
+                factory, host=host or None, port=port, reuse_port=self.worker is not None
+            )
         sock = self.server.sockets[0]
         self.port = sock.getsockname()[1]
         if cfg.metrics.listen and self.worker is None:
             from bccguard.ops.http import OpsServer
 
             self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
-            self.ops.start()
+            with binding("metrics.listen", cfg.metrics.listen):
+                self.ops.start()
         self.metrics.quarantine_set(*self.runtime.quarantine.depth())
         self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
         if self.worker is None or self.worker.runs_retrier:
@@ -242,7 +247,7 @@ class App:
             self.log.info("reload_skipped", reason="running on embedded defaults")
             return False
         try:
-            new = load(self.config_path)
+            new = load(self.config_path, self.overrides)
             if parse_hostport(new.server.listen) != parse_hostport(self.runtime.config.server.listen):
                 self.log.warning("reload_listen_unchanged", reason="server.listen needs a restart")
             runtime = self._build_runtime(new)

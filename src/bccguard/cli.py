@@ -45,8 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bccguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the relay")
+    serve = sub.add_parser(
+        "serve",
+        help="run the relay",
+        description="Run the relay. The flags below override the config file (and are kept on SIGHUP).",
+    )
     _config_arg(serve)
+    serve.add_argument("--listen", metavar="HOST:PORT", help="SMTP listen address (server.listen)")
+    serve.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help='metrics/health address (metrics.listen; "" disables)'
+    )
+    serve.add_argument(
+        "--upstream", metavar="URL", help="where accepted mail goes (upstream.url), e.g. smtp://127.0.0.1:10026"
+    )
+    serve.add_argument(
+        "--internal-domain", metavar="DOMAIN", action="append", dest="internal_domains",
+        help="a colleagues' domain, repeatable; replaces policy.internal_domains",
+    )  # fmt: skip
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
@@ -208,35 +223,58 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def serve_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """`serve --listen ...` as TOML-shaped data for config.load, and as flags for the workers."""
+    data: dict[str, Any] = {}
+    flags: list[str] = []
+    for flag, section, key in (
+        ("--listen", "server", "listen"),
+        ("--metrics-listen", "metrics", "listen"),
+        ("--upstream", "upstream", "url"),
+    ):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            data.setdefault(section, {})[key] = value
+            flags += [flag, value]
+    if args.internal_domains:
+        data["policy"] = {"internal_domains": args.internal_domains}
+        for domain in args.internal_domains:
+            flags += ["--internal-domain", domain]
+    return data, flags
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bccguard.ops.logs import configure
+    from bccguard import preflight
+    from bccguard.ops.logs import configure, get_logger
     from bccguard.workers import WorkerRole
 
-    cfg: Config = load(args.config)
+    overrides, flags = serve_overrides(args)
+    cfg: Config = load(args.config, overrides)
     configure(cfg.logging.level, cfg.logging.format, log_addresses=cfg.logging.log_addresses)
     worker = WorkerRole.from_env()
     try:
+        if worker is None:  # the supervisor or a single relay; workers find them made
+            for key, path in preflight.prepare_dirs(cfg):
+                get_logger("bccguard").info("directory_created", key=key, path=str(path), uid=os.geteuid())
         if cfg.server.workers > 1 and worker is None:
             from bccguard.workers import Supervisor
 
-            return Supervisor(cfg, config_path=args.config).run()
-        return _serve_one(cfg, args.config, worker)
-    except OSError as exc:
-        # Binding is the usual culprit: port taken or privileged.
-        print(
-            f"bccguard: cannot start: {exc.strerror or exc} "
-            f"(fix: check server.listen = {cfg.server.listen!r} and metrics.listen = "
-            f"{cfg.metrics.listen!r} are free and allowed; or the quarantine/spool paths are writable)",
-            file=sys.stderr,
-        )
+            return Supervisor(cfg, config_path=args.config, serve_args=flags).run()
+        return _serve_one(cfg, args.config, worker, overrides)
+    except preflight.StartError as exc:
+        print(f"bccguard: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # not one of the sockets or paths preflight knows: name what we can
+        where = f" on {exc.filename}" if exc.filename else ""
+        print(f"bccguard: cannot start: {preflight.errno_words(exc)}{where}", file=sys.stderr)
         return 1
 
 
-def _serve_one(cfg: Config, config_path: str | None, worker: Any) -> int:
+def _serve_one(cfg: Config, config_path: str | None, worker: Any, overrides: dict[str, Any]) -> int:
     from bccguard.app import App, loop_factory
 
     async def run() -> int:
-        app = App(cfg, config_path=config_path, worker=worker)
+        app = App(cfg, config_path=config_path, worker=worker, overrides=overrides or None)
         return await app.run()
 
     with asyncio.Runner(loop_factory=loop_factory(cfg.server.event_loop)) as runner:

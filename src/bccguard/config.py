@@ -666,10 +666,24 @@ def _cross_checks(cfg: Config, source: str) -> None:
         raise ConfigError([f"{source}: {p}" for p in problems])
 
 
-def load(path: str | Path | None) -> Config:
-    """Load a config file, or the embedded defaults when `path` is None."""
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a config file, or the embedded defaults when `path` is None.
+
+    `overrides` (from `serve --listen` and friends) is TOML-shaped data laid
+    over the file: checked on its own first, so a bad flag is reported as
+    the command line's, not the file's, and applied again on every reload.
+    """
+    if overrides:
+        from_dict(overrides, source="command line")
     if path is None:
-        return from_dict({})
+        return from_dict(overrides or {})
     p = Path(path)
     try:
         text = p.read_text("utf-8")
@@ -683,7 +697,7 @@ def load(path: str | Path | None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: TOML syntax error: {exc}"]) from None
-    return from_dict(data, source=str(p))
+    return from_dict(_merge(data, overrides or {}), source=str(p))
 
 
 def upstream_parts(url: str) -> tuple[str, str, int, str]:
