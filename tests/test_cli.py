@@ -118,7 +118,13 @@ def test_every_shipped_config_is_valid(capsys) -> None:
     files = sorted(root.glob("*.toml"))
     assert files
     for f in files:
-        assert main(["config", "check", "--config", str(f)]) == 0, capsys.readouterr().err
+        code = main(["config", "check", "--config", str(f)])
+        err = capsys.readouterr().err
+        if code == 78:  # as a user who may not create /var/lib/bccguard: only that may fail
+            problems = [line for line in err.splitlines() if "warning:" not in line]
+            assert problems and all("cannot create it in" in line for line in problems), err
+        else:
+            assert code == 0, err
 
 
 def test_serve_with_bad_config_exits_78_without_traceback(tmp_path: Path) -> None:

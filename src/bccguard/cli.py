@@ -65,8 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
-    check_cfg = cfg_sub.add_parser("check", help="validate a config file and exit")
+    check_cfg = cfg_sub.add_parser(
+        "check",
+        help="validate a config file and what it points at; change nothing",
+        description="Exit 0: serve would start with it; 78: it would not (one line per problem); "
+        "1: --deep only, the upstream did not answer.",
+    )
     _config_arg(check_cfg)
+    check_cfg.add_argument(
+        "--deep", action="store_true", help="also connect to the upstream (EHLO, TLS, ca_file)"
+    )
 
     check = sub.add_parser(
         "check",
@@ -213,13 +221,64 @@ def _ask(question: str) -> bool:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """Would `serve` start with this file, as this user, here? Changes nothing.
+
+    Beyond the file itself: the TLS certificate and key load, the AUTH users
+    load, the listen host names resolve, and the quarantine, spool and
+    Maildir directories exist or can be created, writable by this user.
+    `--deep` also talks to the upstream (connect, EHLO, its TLS and ca_file).
+    """
+    from bccguard import preflight
     from bccguard.app import load_credentials
     from bccguard.smtp.tls import server_context
 
     cfg = load(args.config)
     server_context(cfg.server.tls)  # a cert/key that does not load is a config error
     load_credentials(cfg)
+    problems = [
+        p
+        for p in (
+            preflight.listen_problem("server.listen", cfg.server.listen),
+            cfg.metrics.listen and preflight.listen_problem("metrics.listen", cfg.metrics.listen),
+            *(preflight.dir_problem(key, path) for key, path in preflight.state_dirs(cfg)),
+        )
+        if p
+    ]
+    if problems:
+        raise ConfigError([f"{cfg.source}: {p}" for p in problems])
+    _warn(cfg)
     print(f"{cfg.source}: ok ({len(cfg.policy.rules)} rules, upstream {cfg.upstream.url.partition(':')[0]})")
+    if args.deep:
+        return _probe_upstream(cfg)
+    return EX_OK
+
+
+def _probe_upstream(cfg: Config) -> int:
+    """`config check --deep`: one real conversation with the upstream, as the relay would start it."""
+    from bccguard.config import upstream_parts
+    from bccguard.upstream import UpstreamError, open_upstream
+
+    if upstream_parts(cfg.upstream.url)[0] == "maildir":
+        print("upstream maildir: a directory, checked above (nothing to connect to)")
+        return EX_OK
+
+    async def probe() -> None:
+        upstream = open_upstream(cfg.upstream, hostname=cfg.server.hostname)
+        try:
+            await asyncio.wait_for(upstream.probe(), cfg.upstream.timeout)
+        finally:
+            await upstream.close()
+
+    try:
+        asyncio.run(probe())
+    except UpstreamError as exc:
+        print(f"bccguard: upstream.url = {cfg.upstream.url!r}: {exc} (fix: check the upstream is up, "
+              "and upstream.url, ca_file and verify_tls)", file=sys.stderr)  # fmt: skip
+        return 1
+    except (OSError, TimeoutError) as exc:
+        print(f"bccguard: upstream.url = {cfg.upstream.url!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"upstream {cfg.upstream.url}: answered")
     return EX_OK
 
 
@@ -252,6 +311,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg: Config = load(args.config, overrides)
     configure(cfg.logging.level, cfg.logging.format, log_addresses=cfg.logging.log_addresses)
     worker = WorkerRole.from_env()
+    if worker is None:  # said once, by the supervisor or the single relay
+        for warning in preflight.policy_warnings(cfg):
+            get_logger("bccguard").warning("policy_warning", problem=warning)
     try:
         if worker is None:  # the supervisor or a single relay; workers find them made
             for key, path in preflight.prepare_dirs(cfg):
@@ -375,6 +437,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         out_block = parse_header(outcome.message)
         result["headers"] = outcome.message[: out_block.body_offset].decode("utf-8", "surrogateescape")
     code = EX_CHANGED if v.changes_message else EX_OK
+    _warn(cfg)
     try:
         if args.json:
             text = json.dumps(result, ensure_ascii=False)
@@ -389,6 +452,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         _stdout_closed()  # `check ... | head -1`: the reader has what it wanted; the verdict stands
     return code
+
+
+def _warn(cfg: Config) -> None:
+    """One stderr line per policy warning (a verdict on stdout stays machine-readable)."""
+    from bccguard.preflight import policy_warnings
+
+    for warning in policy_warnings(cfg):
+        print(f"bccguard: warning: {warning}", file=sys.stderr)
 
 
 def _stdout_closed() -> None:

@@ -67,8 +67,25 @@ def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str,
     return host or "0.0.0.0", int(port_s)
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
 def _listen(value: str) -> str:
-    parse_hostport(value)
+    """A listen address serve can bind: an IP address, or a syntactically valid host name.
+
+    Why here and not only at bind time: `config check` said "ok" to
+    999.1.1.1:10025 and `serve` then refused it.
+    """
+    host, _ = parse_hostport(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if re.fullmatch(r"[0-9.]+", host):
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+        if ":" in host:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+        if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.rstrip(".").split(".")):
+            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
     return value
 
 

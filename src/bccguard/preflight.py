@@ -158,3 +158,15 @@ def prepare_dirs(cfg: Config) -> list[tuple[str, Path]]:
         if not existed:
             created.append((key, path))
     return created
+
+
+NO_INTERNAL_DOMAINS = (
+    "policy.internal_domains is empty: colleagues' addresses count as customers' and are hidden "
+    "or counted as exposed (fix: internal_domains = [\"corp.example\"] in [policy], "
+    "or serve --internal-domain corp.example)"
+)
+
+
+def policy_warnings(cfg: Config) -> list[str]:
+    """Legal configs that probably do not do what the admin wants; said by serve, check and config check."""
+    return [NO_INTERNAL_DOMAINS] if not cfg.policy.defaults.internal_domains else []
