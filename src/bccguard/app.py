@@ -86,6 +86,7 @@ class App:
         self._force = asyncio.Event()  # a second SIGTERM: stop draining now
         self._audit_offset = 0
         self.port = 0
+        self._bound_listen = config.server.listen  # what start() binds; a reload cannot move it
 
     def _build_runtime(self, config: Config) -> Runtime:
         if self.worker is not None:
@@ -241,6 +242,15 @@ class App:
         self.log.info("stopped", drained=not any(s.busy for s in self.sessions))
 
     # ------------------------------------------------------------ reload
+    def _count_reload(self, ok: bool) -> None:
+        """One SIGHUP is one reload, however many workers apply it: worker 0 counts for all.
+
+        Every worker reads the same file, so their outcomes agree; summing
+        them made one reload read as two (and a broken file as two failures).
+        """
+        if self.worker is None or self.worker.index == 0:
+            self.metrics.config_reload(ok)
+
     async def reload(self) -> bool:
         """SIGHUP: new snapshot if the file is valid, else keep serving the old one."""
         if self.config_path is None:
@@ -248,22 +258,29 @@ class App:
             return False
         try:
             new = load(self.config_path, self.overrides)
-            if parse_hostport(new.server.listen) != parse_hostport(self.runtime.config.server.listen):
-                self.log.warning("reload_listen_unchanged", reason="server.listen needs a restart")
+            # Against the address actually bound, not the last file: a listen change
+            # reverted before any restart needs none.
+            if parse_hostport(new.server.listen) != parse_hostport(self._bound_listen):
+                self.log.warning(
+                    "reload_listen_unchanged",
+                    reason="server.listen needs a restart",
+                    listening=self._bound_listen,
+                    configured=new.server.listen,
+                )
             runtime = self._build_runtime(new)
         except ConfigError as exc:
-            self.metrics.config_reload(False)
+            self._count_reload(False)
             for p in exc.problems:
                 self.log.error("reload_failed", problem=p)
             return False
         except Exception as exc:
-            self.metrics.config_reload(False)
-            self.log.error("reload_failed", problem=str(exc))
+            self._count_reload(False)
+            self.log.error("reload_failed", error=type(exc).__name__, problem=str(exc))
             return False
         old = self.runtime
         self.runtime = runtime
         self.metrics.set_rules(rule_names(new))
-        self.metrics.config_reload(True)
+        self._count_reload(True)
         self.log.info(
             "reloaded",
             config=new.source,
