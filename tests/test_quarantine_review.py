@@ -298,3 +298,17 @@ async def test_purge_on_a_terminal_asks_first(start_relay: StartRelay, sink: Sin
     assert rc == 0 and "purged 1 entries older than 30d" in out
     assert app.runtime.quarantine.ids() == [new_id]
     assert [(r["what"], r["id"]) for r in audit(tmp_path)] == [("purge", old_id)]
+
+
+async def test_list_shows_the_newest_first_with_its_received_time(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    app, old_id, new_id = await _two_held_one_old(start_relay, sink)  # received now, and 40 days ago
+    cfg = cli_config(tmp_path, sink.url)
+    rc, out, _ = await run_cli("quarantine", "list", "--json", "--config", cfg)
+    assert rc == 0 and [r["id"] for r in json.loads(out)] == [new_id, old_id]
+    rc, out, _ = await run_cli("quarantine", "list", "--config", cfg)
+    lines = out.splitlines()
+    assert "RECEIVED (UTC)" in lines[0]
+    assert lines[1].startswith(new_id) and lines[2].startswith(old_id)
+    assert time.strftime("%Y-%m-%d", time.gmtime(time.time() - 40 * 86400)) in lines[2]

@@ -319,7 +319,15 @@ async def test_passwd_cli_writes_a_file_the_relay_authenticates_against(
 ) -> None:
     users = tmp_path / "secrets" / "users"
     env = {**os.environ, "PYTHONPATH": SRC}
-    for user, password in (("alice", "first"), ("bob", "builder"), ("alice", "second")):
+    short = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "bccguard.cli", "passwd", "--file", str(users), "alice"],
+        input="elevenchars\n", capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    assert short.returncode == 2 and "at least 12" in short.stderr and len(short.stderr.splitlines()) == 1
+    assert not users.exists()
+    first, second = "first-password", "second-password"
+    for user, password in (("alice", first), ("bob", "bob-the-builder"), ("alice", second)):
         done = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "bccguard.cli", "passwd", "--file", str(users), user],
@@ -340,9 +348,9 @@ async def test_passwd_cli_writes_a_file_the_relay_authenticates_against(
     app = await start_relay(sink.url, tls_extra(tls_files, users, allowed_networks=["10.0.0.0/8"]))
     data = message(["b@corp.example"])
     with pytest.raises(smtplib.SMTPAuthenticationError):
-        await asyncio.to_thread(_auth_send, app.port, tls_files[0], "alice", "first", "127.0.0.1", data,
+        await asyncio.to_thread(_auth_send, app.port, tls_files[0], "alice", first, "127.0.0.1", data,
                                 ["b@corp.example"])
-    await asyncio.to_thread(_auth_send, app.port, tls_files[0], "alice", "second", "127.0.0.1", data,
+    await asyncio.to_thread(_auth_send, app.port, tls_files[0], "alice", second, "127.0.0.1", data,
                             ["b@corp.example"])
     assert len(sink.messages) == 1
 

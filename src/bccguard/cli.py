@@ -25,6 +25,9 @@ from bccguard import __version__
 from bccguard.config import Config, ConfigError, load
 
 EX_OK, EX_CHANGED, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+# AUTH lets a client relay from anywhere, and the port answers whoever can connect; the password
+# is the only factor. An admin sets it for a mail client (it is typed once, so long costs nothing).
+MIN_PASSWORD = 12
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -365,8 +368,12 @@ def cmd_passwd(args: argparse.Namespace) -> int:
             return EX_USAGE
     else:
         password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        print("bccguard: empty password; nothing changed", file=sys.stderr)
+    if len(password) < MIN_PASSWORD:
+        print(
+            f"bccguard: the password has {len(password)} characters, at least {MIN_PASSWORD} are needed "
+            "(fix: a longer one; anyone who reaches the port may guess); nothing changed",
+            file=sys.stderr,
+        )
         return EX_USAGE
     try:
         existed = set_password(path, args.user, password)

@@ -127,7 +127,8 @@ def summary(q: Quarantine, e: Entry) -> dict[str, Any]:
 def cmd_list(cfg: Config, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     q = _store(cfg)
     try:
-        rows = [summary(q, e) for e in q.entries()]
+        # Newest first: the message an admin came to look at is the one just held.
+        rows = sorted((summary(q, e) for e in q.entries()), key=lambda r: r["time"], reverse=True)
     except OSError as exc:
         raise _fail(f"cannot read {q.path}: {_why(exc)} (fix: run as the relay's user)", EX_FAILED) from None
     if as_json:
