@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--file", metavar="F", help="credentials file (default: server.auth_file of --config)"
     )
 
+    check.add_argument(
+        "--internal-domain", metavar="DOMAIN", action="append", dest="internal_domains",
+        help="a colleagues' domain, repeatable; replaces policy.internal_domains (as serve's flag)",
+    )  # fmt: skip
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--show", action="store_true", help="print the header block as it would leave")
     _quarantine_parser(sub)
@@ -391,7 +395,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from bccguard.policy.headers import parse_header
     from bccguard.policy.model import Envelope
 
-    cfg = load(args.config)
+    domains = args.internal_domains
+    cfg = load(args.config, {"policy": {"internal_domains": domains}} if domains else None)
     try:
         data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     except OSError as exc:
