@@ -78,3 +78,15 @@ def test_the_readme_check_example_says_what_it_shows(tmp_path: Path) -> None:
     assert result["visible_external"] == ["alice@gmail.com", "bob@orange.fr", "carol@clients.example"]
     for field in ('"action": "rewrite"', '"hidden": 3', '"visible": 4', '"rule": "default"'):
         assert field in comment and field in proc.stdout
+
+
+def test_the_postfix_guide_installs_bccguard_and_its_config_as_the_systemd_guide_does() -> None:
+    postfix = (ROOT / "deploy" / "postfix" / "README.md").read_text()
+    systemd = (ROOT / "deploy" / "systemd" / "README.md").read_text()
+
+    def config_install(text: str) -> str:
+        (line,) = [x for x in text.splitlines() if "install -m" in x and "/etc/bccguard/bccguard.toml" in x]
+        return line.split("install", 1)[1].split("deploy/", 1)[0].strip()
+
+    assert config_install(postfix) == config_install(systemd) == "-m 0640 -o root -g bccguard"
+    assert "/opt/bccguard/bin/pip install" in postfix and "/opt/bccguard/bin/pip install" in systemd
