@@ -4,6 +4,9 @@ User mistakes (a bad config, a missing file, a port in use) print one line
 that names the problem and the fix, never a traceback. Exit codes: 0 ok,
 1 "the message would be changed/held/refused" (check) or a runtime failure,
 2 bad input, 78 bad configuration (EX_CONFIG, what systemd and sysexits know).
+`config check` exits 78 also for what `serve` would refuse outside the file
+(a listen host that does not resolve, a directory it cannot write), and
+`--deep` 1 when the upstream does not answer. README.md has the whole table.
 
 `bccguard quarantine ...` (review.py): 0 done; 1 the store or the upstream
 failed (a release that did not reach every recipient keeps the entry);
