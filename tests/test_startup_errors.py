@@ -36,7 +36,8 @@ def config(tmp_path: Path, workers: int, extra: str = "") -> Path:
     path.write_text(
         f'[server]\nlisten = "127.0.0.1:0"\nworkers = {workers}\n'
         f'[upstream]\nurl = "maildir:{tmp_path / "o"}"\n'
-        f'[quarantine]\npath = "{tmp_path / "q"}"\n[spool]\npath = "{tmp_path / "s"}"\n' + extra
+        f'[quarantine]\npath = "{tmp_path / "q"}"\n[spool]\npath = "{tmp_path / "s"}"\n'
+        '[policy]\ninternal_domains = ["corp.example"]\n' + extra  # no warning line either
     )
     return path
 
