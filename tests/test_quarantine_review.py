@@ -184,7 +184,7 @@ async def test_purge_removes_old_entries_and_orphans_only(
     long_ago = time.time() - 2 * 86400
     os.utime(orphan, (long_ago, long_ago))
 
-    rc, out, err = await run_cli("quarantine", "purge", "--older-than", "30d",
+    rc, out, err = await run_cli("quarantine", "purge", "--older-than", "30d", "--yes",
                                  "--config", cli_config(tmp_path, sink.url))
     assert (rc, err) == (0, "")
     assert "purged 1 entries older than 30d, 1 orphan messages" in out
@@ -192,3 +192,123 @@ async def test_purge_removes_old_entries_and_orphans_only(
     assert sorted((r["what"], r["id"], r["kind"]) for r in audit(tmp_path)) == sorted([
         ("purge", old_id, "entry"), ("purge", orphan.stem, "orphan"),
     ])
+
+
+async def _two_held_one_old(start_relay: StartRelay, sink: Sink) -> tuple[App, str, str]:
+    app = await start_relay(sink.url, QUARANTINE)
+    await hold_survey(app, CUSTOMERS[:5])
+    await asyncio.sleep(0.01)  # distinct ids
+    await hold_survey(app, CUSTOMERS[:5])
+    q = app.runtime.quarantine
+    old_id, new_id = q.ids()
+    meta_path = q.path / f"{old_id}.json"
+    meta = json.loads(meta_path.read_text())
+    meta["time"] = time.time() - 40 * 86400
+    meta_path.write_text(json.dumps(meta))
+    return app, old_id, new_id
+
+
+async def test_purge_refuses_a_bare_number_and_keeps_everything(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    """`--older-than 30` once meant 30 seconds and emptied the quarantine without a question."""
+    app, old_id, new_id = await _two_held_one_old(start_relay, sink)
+    cfg = cli_config(tmp_path, sink.url)
+    for age in ("30", "5", "0.5"):
+        rc, out, err = await run_cli("quarantine", "purge", "--older-than", age, "--yes", "--config", cfg)
+        assert rc == 2 and out == "", (age, out, err)
+        assert len(err.splitlines()) == 1 and "has no unit" in err and '"30d"' in err and "12h" in err
+    assert app.runtime.quarantine.ids() == [old_id, new_id]
+    assert audit(tmp_path) == []
+
+
+async def test_purge_dry_run_lists_what_would_go_and_removes_nothing(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    app, old_id, new_id = await _two_held_one_old(start_relay, sink)
+    cfg = cli_config(tmp_path, sink.url)
+    rc, out, err = await run_cli("quarantine", "purge", "--older-than", "30d", "--dry-run", "--config", cfg)
+    assert (rc, err) == (0, "")
+    assert old_id in out and new_id not in out and "Your feedback" in out
+    assert "would purge 1 entries older than 30d" in out and "nothing removed" in out
+    assert app.runtime.quarantine.ids() == [old_id, new_id]
+    assert audit(tmp_path) == []
+
+
+async def test_purge_without_a_terminal_needs_yes(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    app, old_id, new_id = await _two_held_one_old(start_relay, sink)
+    cfg = cli_config(tmp_path, sink.url)
+    rc, out, err = await run_cli("quarantine", "purge", "--older-than", "30d", "--config", cfg)
+    assert rc == 2 and out == ""
+    assert len(err.splitlines()) == 1 and "--yes" in err and "Traceback" not in err
+    assert app.runtime.quarantine.ids() == [old_id, new_id]
+
+
+def _purge_on_a_terminal(cfg: str, answer: bytes) -> tuple[int, str, str]:
+    """Run purge with stdin and stderr on a pseudo-terminal, answer the question, return (rc, out, tty)."""
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    from proc import cli_env
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bccguard.cli", "quarantine", "purge", "--older-than", "30d", "--config", cfg],
+        stdin=slave, stdout=subprocess.PIPE, stderr=slave, env=cli_env(),
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    try:
+        while b"[y/N]" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+            assert proc.poll() is None, seen
+        os.write(master, answer)
+        out, _ = proc.communicate(timeout=60)
+        while select.select([master], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed its side
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out.decode(), seen.decode()
+
+
+async def test_purge_on_a_terminal_asks_first(start_relay: StartRelay, sink: Sink, tmp_path: Path) -> None:
+    app, old_id, new_id = await _two_held_one_old(start_relay, sink)
+    cfg = cli_config(tmp_path, sink.url)
+
+    rc, out, tty = await asyncio.to_thread(_purge_on_a_terminal, cfg, b"n\n")
+    assert "purge 1 entries older than 30d" in tty and "[y/N]" in tty
+    assert rc == 1 and old_id in out and "nothing purged" in out
+    assert app.runtime.quarantine.ids() == [old_id, new_id] and audit(tmp_path) == []
+
+    rc, out, tty = await asyncio.to_thread(_purge_on_a_terminal, cfg, b"y\n")
+    assert rc == 0 and "purged 1 entries older than 30d" in out
+    assert app.runtime.quarantine.ids() == [new_id]
+    assert [(r["what"], r["id"]) for r in audit(tmp_path)] == [("purge", old_id)]
+
+
+async def test_list_shows_the_newest_first_with_its_received_time(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    app, old_id, new_id = await _two_held_one_old(start_relay, sink)  # received now, and 40 days ago
+    cfg = cli_config(tmp_path, sink.url)
+    rc, out, _ = await run_cli("quarantine", "list", "--json", "--config", cfg)
+    assert rc == 0 and [r["id"] for r in json.loads(out)] == [new_id, old_id]
+    rc, out, _ = await run_cli("quarantine", "list", "--config", cfg)
+    lines = out.splitlines()
+    assert "RECEIVED (UTC)" in lines[0]
+    assert lines[1].startswith(new_id) and lines[2].startswith(old_id)
+    assert time.strftime("%Y-%m-%d", time.gmtime(time.time() - 40 * 86400)) in lines[2]

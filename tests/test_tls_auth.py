@@ -319,7 +319,15 @@ async def test_passwd_cli_writes_a_file_the_relay_authenticates_against(
 ) -> None:
     users = tmp_path / "secrets" / "users"
     env = {**os.environ, "PYTHONPATH": SRC}
-    for user, password in (("alice", "first"), ("bob", "builder"), ("alice", "second")):
+    short = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "bccguard.cli", "passwd", "--file", str(users), "alice"],
+        input="elevenchars\n", capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    assert short.returncode == 2 and "at least 12" in short.stderr and len(short.stderr.splitlines()) == 1
+    assert not users.exists()
+    first, second = "first-password", "second-password"
+    for user, password in (("alice", first), ("bob", "bob-the-builder"), ("alice", second)):
         done = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "bccguard.cli", "passwd", "--file", str(users), user],
@@ -340,9 +348,9 @@ async def test_passwd_cli_writes_a_file_the_relay_authenticates_against(
     app = await start_relay(sink.url, tls_extra(tls_files, users, allowed_networks=["10.0.0.0/8"]))
     data = message(["b@corp.example"])
     with pytest.raises(smtplib.SMTPAuthenticationError):
-        await asyncio.to_thread(_auth_send, app.port, tls_files[0], "alice", "first", "127.0.0.1", data,
+        await asyncio.to_thread(_auth_send, app.port, tls_files[0], "alice", first, "127.0.0.1", data,
                                 ["b@corp.example"])
-    await asyncio.to_thread(_auth_send, app.port, tls_files[0], "alice", "second", "127.0.0.1", data,
+    await asyncio.to_thread(_auth_send, app.port, tls_files[0], "alice", second, "127.0.0.1", data,
                             ["b@corp.example"])
     assert len(sink.messages) == 1
 
@@ -381,3 +389,31 @@ async def test_upstream_certificate_is_verified_by_default(start_relay: StartRel
     opted_out = await start_relay(sink.url, {"upstream": {"verify_tls": False}})
     assert await send(opted_out.port, "a@corp.example", ["b@corp.example"], data) == {}
     assert len(sink.messages) == 2
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+async def test_a_successful_auth_logs_no_warning(
+    start_relay: StartRelay, sink: Sink, tls_files: tuple[Path, Path], auth_file: Path,
+    caplog: pytest.LogCaptureFixture, mechanism: str,
+) -> None:  # fmt: skip
+    """aiosmtpd said "Session.login_data is deprecated" at WARNING on every AUTH: alert noise."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    app = await start_relay(sink.url, tls_extra(tls_files, auth_file, allowed_networks=["10.0.0.0/8"]))
+    data = message(["b@corp.example"])
+
+    def auth_send() -> None:
+        with smtplib.SMTP("127.0.0.1", app.port, timeout=20) as c:
+            c.starttls(context=client_context(tls_files[0]))
+            c.ehlo("client.test")
+            if mechanism == "PLAIN":
+                c.login("alice", "wonderland")
+            else:
+                c.user, c.password = "alice", "wonderland"  # what login() would set for auth_login
+                c.auth("LOGIN", c.auth_login, initial_response_ok=False)
+            c.sendmail("news@corp.example", ["b@corp.example"], data)
+
+    await asyncio.to_thread(auth_send)
+    assert len(sink.messages) == 1
+    assert [(r.name, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -206,7 +206,7 @@ async def test_workers_of_a_killed_supervisor_drain_and_exit(two_workers) -> Non
 
 
 async def test_sighup_reaches_every_worker(two_workers) -> None:  # type: ignore[no-untyped-def]
-    proc, _, _, log = two_workers
+    proc, _, mport, log = two_workers
 
     def reloads() -> int:
         return sum('"event": "reloaded"' in line for line in log.read_text().splitlines())
@@ -214,6 +214,10 @@ async def test_sighup_reaches_every_worker(two_workers) -> None:  # type: ignore
     proc.send_signal(signal.SIGHUP)
     await wait_for(lambda: reloads() == 2, 15)
     assert proc.poll() is None
+    # One SIGHUP is one reload for an admin and the FailedReload alert, however many workers ran it.
+    samples = await asyncio.to_thread(scrape, mport)
+    assert samples['bccguard_config_reloads_total{result="success"}'] == 1
+    assert samples['bccguard_config_reloads_total{result="failure"}'] == 0
 
 
 # ---------------------------------------------------------------- workers = "auto"

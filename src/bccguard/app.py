@@ -24,6 +24,7 @@ from bccguard.notify import Notifier
 from bccguard.ops.logs import get_logger
 from bccguard.ops.metrics import Metrics
 from bccguard.ops.readiness import outbox_path, read_state, upstream_readiness
+from bccguard.preflight import binding
 from bccguard.relay import Runtime
 from bccguard.retry import Retrier
 from bccguard.smtp.auth import Credentials, CredentialsError
@@ -63,8 +64,10 @@ class App:
         config_path: str | None = None,
         metrics: Metrics | None = None,
         worker: WorkerRole | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         self.config_path = config_path
+        self.overrides = overrides  # `serve --listen ...`: laid over the file again on each reload
         # Under a supervisor: share the port, leave /metrics to it, enforce a share of the limits.
         self.worker = worker
         self.log = get_logger("bccguard")
@@ -83,6 +86,7 @@ class App:
         self._force = asyncio.Event()  # a second SIGTERM: stop draining now
         self._audit_offset = 0
         self.port = 0
+        self._bound_listen = config.server.listen  # what start() binds; a reload cannot move it
 
     def _build_runtime(self, config: Config) -> Runtime:
         if self.worker is not None:
@@ -124,16 +128,18 @@ class App:
         if self.worker is not None:
             # The supervisor reserved the port (and resolved ":0"); every worker joins it.
             port = self.worker.port
-        self.server = await loop.create_server(
-            factory, host=host or None, port=port, reuse_port=self.worker is not None
-        )
+        with binding("server.listen", cfg.server.listen):
+            self.server = await loop.create_server(
+                factory, host=host or None, port=port, reuse_port=self.worker is not None
+            )
         sock = self.server.sockets[0]
         self.port = sock.getsockname()[1]
         if cfg.metrics.listen and self.worker is None:
             from bccguard.ops.http import OpsServer
 
             self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
-            self.ops.start()
+            with binding("metrics.listen", cfg.metrics.listen):
+                self.ops.start()
         self.metrics.quarantine_set(*self.runtime.quarantine.depth())
         self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
         if self.worker is None or self.worker.runs_retrier:
@@ -228,29 +234,45 @@ class App:
         self.log.info("stopped", drained=not any(s.busy for s in self.sessions))
 
     # ------------------------------------------------------------ reload
+    def _count_reload(self, ok: bool) -> None:
+        """One SIGHUP is one reload, however many workers apply it: worker 0 counts for all.
+
+        Every worker reads the same file, so their outcomes agree; summing
+        them made one reload read as two (and a broken file as two failures).
+        """
+        if self.worker is None or self.worker.index == 0:
+            self.metrics.config_reload(ok)
+
     async def reload(self) -> bool:
         """SIGHUP: new snapshot if the file is valid, else keep serving the old one."""
         if self.config_path is None:
             self.log.info("reload_skipped", reason="running on embedded defaults")
             return False
         try:
-            new = load(self.config_path)
-            if parse_hostport(new.server.listen) != parse_hostport(self.runtime.config.server.listen):
-                self.log.warning("reload_listen_unchanged", reason="server.listen needs a restart")
+            new = load(self.config_path, self.overrides)
+            # Against the address actually bound, not the last file: a listen change
+            # reverted before any restart needs none.
+            if parse_hostport(new.server.listen) != parse_hostport(self._bound_listen):
+                self.log.warning(
+                    "reload_listen_unchanged",
+                    reason="server.listen needs a restart",
+                    listening=self._bound_listen,
+                    configured=new.server.listen,
+                )
             runtime = self._build_runtime(new)
         except ConfigError as exc:
-            self.metrics.config_reload(False)
+            self._count_reload(False)
             for p in exc.problems:
                 self.log.error("reload_failed", problem=p)
             return False
         except Exception as exc:
-            self.metrics.config_reload(False)
-            self.log.error("reload_failed", problem=str(exc))
+            self._count_reload(False)
+            self.log.error("reload_failed", error=type(exc).__name__, problem=str(exc))
             return False
         old = self.runtime
         self.runtime = runtime
         self.metrics.set_rules(rule_names(new))
-        self.metrics.config_reload(True)
+        self._count_reload(True)
         self.log.info(
             "reloaded",
             config=new.source,

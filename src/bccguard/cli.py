@@ -4,6 +4,9 @@ User mistakes (a bad config, a missing file, a port in use) print one line
 that names the problem and the fix, never a traceback. Exit codes: 0 ok,
 1 "the message would be changed/held/refused" (check) or a runtime failure,
 2 bad input, 78 bad configuration (EX_CONFIG, what systemd and sysexits know).
+`config check` exits 78 also for what `serve` would refuse outside the file
+(a listen host that does not resolve, a directory it cannot write), and
+`--deep` 1 when the upstream does not answer. README.md has the whole table.
 
 `bccguard quarantine ...` (review.py): 0 done; 1 the store or the upstream
 failed (a release that did not reach every recipient keeps the entry);
@@ -25,6 +28,9 @@ from bccguard import __version__
 from bccguard.config import Config, ConfigError, load
 
 EX_OK, EX_CHANGED, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+# AUTH lets a client relay from anywhere, and the port answers whoever can connect; the password
+# is the only factor. An admin sets it for a mail client (it is typed once, so long costs nothing).
+MIN_PASSWORD = 12
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -45,13 +51,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bccguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the relay")
+    serve = sub.add_parser(
+        "serve",
+        help="run the relay",
+        description="Run the relay. The flags below override the config file (and are kept on SIGHUP).",
+    )
     _config_arg(serve)
+    serve.add_argument("--listen", metavar="HOST:PORT", help="SMTP listen address (server.listen)")
+    serve.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help='metrics/health address (metrics.listen; "" disables)'
+    )
+    serve.add_argument(
+        "--upstream", metavar="URL", help="where accepted mail goes (upstream.url), e.g. smtp://127.0.0.1:10026"
+    )
+    serve.add_argument(
+        "--internal-domain", metavar="DOMAIN", action="append", dest="internal_domains",
+        help="a colleagues' domain, repeatable; replaces policy.internal_domains",
+    )  # fmt: skip
 
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
-    check_cfg = cfg_sub.add_parser("check", help="validate a config file and exit")
+    check_cfg = cfg_sub.add_parser(
+        "check",
+        help="validate a config file and what it points at; change nothing",
+        description="Exit 0: serve would start with it; 78: it would not (one line per problem); "
+        "1: --deep only, the upstream did not answer.",
+    )
     _config_arg(check_cfg)
+    check_cfg.add_argument(
+        "--deep", action="store_true", help="also connect to the upstream (EHLO, TLS, ca_file)"
+    )
 
     check = sub.add_parser(
         "check",
@@ -80,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--file", metavar="F", help="credentials file (default: server.auth_file of --config)"
     )
 
+    check.add_argument(
+        "--internal-domain", metavar="DOMAIN", action="append", dest="internal_domains",
+        help="a colleagues' domain, repeatable; replaces policy.internal_domains (as serve's flag)",
+    )  # fmt: skip
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--show", action="store_true", help="print the header block as it would leave")
     _quarantine_parser(sub)
@@ -135,7 +168,12 @@ def _quarantine_parser(sub: Any) -> None:
     p.add_argument("id", metavar="ID")
     _config_arg(p)
     p = q_sub.add_parser("purge", help="remove messages held longer than a duration")
-    p.add_argument("--older-than", required=True, metavar="AGE", help='e.g. "30d", "12h"')
+    p.add_argument(
+        "--older-than", required=True, metavar="AGE",
+        help='a duration with its unit: "30d", "12h", "90m", "45s", "2w"',
+    )  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask (needed without a terminal)")
     _config_arg(p)
 
 
@@ -163,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `bccguard quarantine list | head`: what was asked for is done
+        _stdout_closed()
+        return EX_OK
     parser.print_help(sys.stderr)
     return EX_USAGE
 
@@ -182,7 +223,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             case "delete":
                 return review.cmd_delete(cfg, args.id)
             case _:
-                return review.cmd_purge(cfg, args.older_than)
+                return _purge(cfg, args)
     except review.ReviewError as exc:
         print(f"bccguard: {exc}", file=sys.stderr)
         return exc.code
@@ -251,48 +292,147 @@ def cmd_console_user(args: argparse.Namespace) -> int:
         return 1
     print(f"{path}: {'updated' if existed else 'added'} {args.name} ({args.role})")
     return EX_OK
+def _purge(cfg: Config, args: argparse.Namespace) -> int:
+    """Purge with a question on a terminal; without one, only with --yes (or --dry-run)."""
+    from bccguard import review
+
+    review.purge_age(args.older_than)  # a bad duration is the first thing to hear about
+    confirm = None
+    if not (args.dry_run or args.yes):
+        if not sys.stdin.isatty():
+            print(
+                "bccguard: purge deletes held mail for good and there is no terminal to ask "
+                "(fix: pass --yes, or --dry-run to list what would go)",
+                file=sys.stderr,
+            )
+            return EX_USAGE
+        confirm = _ask
+    return review.cmd_purge(cfg, args.older_than, dry_run=args.dry_run, confirm=confirm)
+
+
+def _ask(question: str) -> bool:
+    sys.stdout.flush()
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """Would `serve` start with this file, as this user, here? Changes nothing.
+
+    Beyond the file itself: the TLS certificate and key load, the AUTH users
+    load, the listen host names resolve, and the quarantine, spool and
+    Maildir directories exist or can be created, writable by this user.
+    `--deep` also talks to the upstream (connect, EHLO, its TLS and ca_file).
+    """
+    from bccguard import preflight
     from bccguard.app import load_credentials
     from bccguard.smtp.tls import server_context
 
     cfg = load(args.config)
     server_context(cfg.server.tls)  # a cert/key that does not load is a config error
     load_credentials(cfg)
+    problems = [
+        p
+        for p in (
+            preflight.listen_problem("server.listen", cfg.server.listen),
+            cfg.metrics.listen and preflight.listen_problem("metrics.listen", cfg.metrics.listen),
+            *(preflight.dir_problem(key, path) for key, path in preflight.state_dirs(cfg)),
+        )
+        if p
+    ]
+    if problems:
+        raise ConfigError([f"{cfg.source}: {p}" for p in problems])
+    _warn(cfg)
     print(f"{cfg.source}: ok ({len(cfg.policy.rules)} rules, upstream {cfg.upstream.url.partition(':')[0]})")
+    if args.deep:
+        return _probe_upstream(cfg)
     return EX_OK
 
 
+def _probe_upstream(cfg: Config) -> int:
+    """`config check --deep`: one real conversation with the upstream, as the relay would start it."""
+    from bccguard.config import upstream_parts
+    from bccguard.upstream import UpstreamError, open_upstream
+
+    if upstream_parts(cfg.upstream.url)[0] == "maildir":
+        print("upstream maildir: a directory, checked above (nothing to connect to)")
+        return EX_OK
+
+    async def probe() -> None:
+        upstream = open_upstream(cfg.upstream, hostname=cfg.server.hostname)
+        try:
+            await asyncio.wait_for(upstream.probe(), cfg.upstream.timeout)
+        finally:
+            await upstream.close()
+
+    try:
+        asyncio.run(probe())
+    except UpstreamError as exc:
+        print(f"bccguard: upstream.url = {cfg.upstream.url!r}: {exc} (fix: check the upstream is up, "
+              "and upstream.url, ca_file and verify_tls)", file=sys.stderr)  # fmt: skip
+        return 1
+    except (OSError, TimeoutError) as exc:
+        print(f"bccguard: upstream.url = {cfg.upstream.url!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"upstream {cfg.upstream.url}: answered")
+    return EX_OK
+
+
+def serve_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """`serve --listen ...` as TOML-shaped data for config.load, and as flags for the workers."""
+    data: dict[str, Any] = {}
+    flags: list[str] = []
+    for flag, section, key in (
+        ("--listen", "server", "listen"),
+        ("--metrics-listen", "metrics", "listen"),
+        ("--upstream", "upstream", "url"),
+    ):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            data.setdefault(section, {})[key] = value
+            flags += [flag, value]
+    if args.internal_domains:
+        data["policy"] = {"internal_domains": args.internal_domains}
+        for domain in args.internal_domains:
+            flags += ["--internal-domain", domain]
+    return data, flags
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bccguard.ops.logs import configure
+    from bccguard import preflight
+    from bccguard.ops.logs import configure, get_logger
     from bccguard.workers import WorkerRole
 
-    cfg: Config = load(args.config)
+    overrides, flags = serve_overrides(args)
+    cfg: Config = load(args.config, overrides)
     configure(cfg.logging.level, cfg.logging.format, log_addresses=cfg.logging.log_addresses)
     worker = WorkerRole.from_env()
+    if worker is None:  # said once, by the supervisor or the single relay
+        for warning in preflight.policy_warnings(cfg):
+            get_logger("bccguard").warning("policy_warning", problem=warning)
     try:
+        if worker is None:  # the supervisor or a single relay; workers find them made
+            for key, path in preflight.prepare_dirs(cfg):
+                get_logger("bccguard").info("directory_created", key=key, path=str(path), uid=os.geteuid())
         if cfg.server.workers > 1 and worker is None:
             from bccguard.workers import Supervisor
 
-            return Supervisor(cfg, config_path=args.config).run()
-        return _serve_one(cfg, args.config, worker)
-    except OSError as exc:
-        # Binding is the usual culprit: port taken or privileged.
-        print(
-            f"bccguard: cannot start: {exc.strerror or exc} "
-            f"(fix: check server.listen = {cfg.server.listen!r} and metrics.listen = "
-            f"{cfg.metrics.listen!r} are free and allowed; or the quarantine/spool paths are writable)",
-            file=sys.stderr,
-        )
+            return Supervisor(cfg, config_path=args.config, serve_args=flags).run()
+        return _serve_one(cfg, args.config, worker, overrides)
+    except preflight.StartError as exc:
+        print(f"bccguard: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # not one of the sockets or paths preflight knows: name what we can
+        where = f" on {exc.filename}" if exc.filename else ""
+        print(f"bccguard: cannot start: {preflight.errno_words(exc)}{where}", file=sys.stderr)
         return 1
 
 
-def _serve_one(cfg: Config, config_path: str | None, worker: Any) -> int:
+def _serve_one(cfg: Config, config_path: str | None, worker: Any, overrides: dict[str, Any]) -> int:
     from bccguard.app import App, loop_factory
 
     async def run() -> int:
-        app = App(cfg, config_path=config_path, worker=worker)
+        app = App(cfg, config_path=config_path, worker=worker, overrides=overrides or None)
         return await app.run()
 
     with asyncio.Runner(loop_factory=loop_factory(cfg.server.event_loop)) as runner:
@@ -321,8 +461,12 @@ def cmd_passwd(args: argparse.Namespace) -> int:
             return EX_USAGE
     else:
         password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        print("bccguard: empty password; nothing changed", file=sys.stderr)
+    if len(password) < MIN_PASSWORD:
+        print(
+            f"bccguard: the password has {len(password)} characters, at least {MIN_PASSWORD} are needed "
+            "(fix: a longer one; anyone who reaches the port may guess); nothing changed",
+            file=sys.stderr,
+        )
         return EX_USAGE
     try:
         existed = set_password(path, args.user, password)
@@ -340,7 +484,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from bccguard.policy.headers import parse_header
     from bccguard.policy.model import Envelope
 
-    cfg = load(args.config)
+    domains = args.internal_domains
+    cfg = load(args.config, {"policy": {"internal_domains": domains}} if domains else None)
     try:
         data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     except OSError as exc:
@@ -396,16 +541,42 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.show:
         out_block = parse_header(outcome.message)
         result["headers"] = outcome.message[: out_block.body_offset].decode("utf-8", "surrogateescape")
-    if args.json:
-        text = json.dumps(result, ensure_ascii=False)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # undecodable 8-bit bytes in the message: escape, stay valid JSON
-            text = json.dumps(result, ensure_ascii=True)
-        print(text)
-    else:
-        _print_human(result, len(rcpts))
-    return EX_CHANGED if v.changes_message else EX_OK
+    code = EX_CHANGED if v.changes_message else EX_OK
+    _warn(cfg)
+    try:
+        if args.json:
+            text = json.dumps(result, ensure_ascii=False)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable 8-bit bytes in the message: escape, stay valid JSON
+                text = json.dumps(result, ensure_ascii=True)
+            print(text)
+        else:
+            _print_human(result, len(rcpts))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_closed()  # `check ... | head -1`: the reader has what it wanted; the verdict stands
+    return code
+
+
+def _warn(cfg: Config) -> None:
+    """One stderr line per policy warning (a verdict on stdout stays machine-readable)."""
+    from bccguard.preflight import policy_warnings
+
+    for warning in policy_warnings(cfg):
+        print(f"bccguard: warning: {warning}", file=sys.stderr)
+
+
+def _stdout_closed() -> None:
+    """The reader closed our stdout: point it at /dev/null so the exit flush stays quiet.
+
+    The recipe of the Python docs (signal module, "Note on SIGPIPE"): Python
+    ignores SIGPIPE, so a write raises BrokenPipeError, and the interpreter's
+    own flush at exit would raise it again and print a traceback.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _scan(data: bytes, env: Any, cfg: Any) -> Any:

@@ -67,8 +67,25 @@ def parse_hostport(value: str, *, default_port: int | None = None) -> tuple[str,
     return host or "0.0.0.0", int(port_s)
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
 def _listen(value: str) -> str:
-    parse_hostport(value)
+    """A listen address serve can bind: an IP address, or a syntactically valid host name.
+
+    Why here and not only at bind time: `config check` said "ok" to
+    999.1.1.1:10025 and `serve` then refused it.
+    """
+    host, _ = parse_hostport(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if re.fullmatch(r"[0-9.]+", host):
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+        if ":" in host:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+        if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.rstrip(".").split(".")):
+            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
     return value
 
 
@@ -96,10 +113,11 @@ def _positive(v: int | float) -> int | float:
 CLIENT_FINAL_REPLY_WAIT = 600.0
 
 
-def _delivery_timeout(v: int | float) -> float:
-    if not 0 < v < CLIENT_FINAL_REPLY_WAIT:
+def _delivery_timeout(v: str | int | float) -> float:
+    seconds = parse_duration(v)
+    if not 0 < seconds < CLIENT_FINAL_REPLY_WAIT:
         raise ValueError(f"{v} is not between 0 and {CLIENT_FINAL_REPLY_WAIT:g} seconds")
-    return float(v)
+    return seconds
 
 
 def _non_negative(v: int) -> int:
@@ -174,6 +192,43 @@ def _consumer(value: str | list[str]) -> frozenset[str]:
 
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+DURATION_FORMS = '"45s", "90m", "12h", "30d" or "2w"'
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+
+
+def parse_duration(value: str | int | float) -> float:
+    """The one duration syntax of bccguard: '45s', '90m', '12h', '30d', '2w' -> seconds.
+
+    Text needs a unit. Why: `purge --older-than 30` once meant 30 seconds and
+    emptied a quarantine; an admin who writes "30" means days as often as
+    seconds, so a bare number is refused with the forms that work. A TOML
+    number (`timeout = 60.0`) is seconds, as the config always read it.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like {DURATION_FORMS}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        v = value.strip().lower()
+        m = _DURATION_RE.fullmatch(v)
+        if m is None:
+            try:
+                float(v)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a duration (use {DURATION_FORMS})") from None
+            raise ValueError(f"{value!r} has no unit (use {DURATION_FORMS})")
+        seconds = float(m.group(1)) * DURATION_UNITS[m.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{value!r} is not a positive duration")
+    return seconds
+
+
+def _seconds(example: str) -> dict[str, Any]:
+    """Metadata for a duration key: a TOML number (seconds) or a duration string."""
+    return {**_check(parse_duration, f"a duration such as {example}, or a number of seconds"), "raw": True}
+
+
 UPSTREAM_SCHEMES = ("smtp", "smtp+starttls", "smtps", "maildir")
 
 
@@ -231,8 +286,8 @@ class ServerConfig:
     )
     max_sessions: int = field(default=500, metadata=_check(_positive, "e.g. 500"))
     max_sessions_per_ip: int = field(default=50, metadata=_check(_positive, "e.g. 50"))
-    command_timeout: float = field(default=300.0, metadata=_check(_positive, "seconds, e.g. 300"))
-    data_timeout: float = field(default=600.0, metadata=_check(_positive, "seconds, e.g. 600"))
+    command_timeout: float = field(default=300.0, metadata=_seconds('"5m"'))
+    data_timeout: float = field(default=600.0, metadata=_seconds('"10m"'))
     max_bad_commands: int = field(default=20, metadata=_check(_positive, "e.g. 20"))
     # Postfix's smtpd_min_data_rate: each byte received during DATA buys
     # 1/min_data_rate more seconds, so big uploads at a sane rate never time
@@ -241,7 +296,7 @@ class ServerConfig:
     # AUTH PLAIN/LOGIN against `user:hash` lines (`bccguard passwd`); only over TLS.
     auth_file: str = ""
     max_auth_failures: int = field(default=3, metadata=_check(_positive, "e.g. 3"))
-    shutdown_timeout: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
+    shutdown_timeout: float = field(default=30.0, metadata=_seconds('"30s"'))
     proxy_protocol: bool = False
     # Processes sharing the port (SO_REUSEPORT) under one supervisor; 1: no
     # supervisor. "auto" (the default) is resolved here, at load, to one per
@@ -270,17 +325,20 @@ class UpstreamConfig:
             _upstream_url, 'use "smtp://host:port", "smtp+starttls://…", "smtps://…" or "maildir:DIR"'
         ),
     )
-    timeout: float = field(default=60.0, metadata=_check(_positive, "seconds, e.g. 60"))
+    timeout: float = field(default=60.0, metadata=_seconds('"1m"'))
     # One deadline for the whole delivery of a message, however many steps it takes.
     delivery_timeout: float = field(
         default=120.0,
-        metadata=_check(_delivery_timeout, "seconds, under the 600 a client waits for its reply, e.g. 120"),
+        metadata={
+            **_check(_delivery_timeout, 'a duration under the 600 s a client waits for its reply, e.g. "2m"'),
+            "raw": True,
+        },
     )
     helo_name: str = ""
     verify_tls: bool = True
     ca_file: str = ""
     pool_size: int = field(default=20, metadata=_check(_non_negative, "0 disables pooling"))
-    pool_idle: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
+    pool_idle: float = field(default=30.0, metadata=_seconds('"30s"'))
 
 
 @dataclass(frozen=True)
@@ -288,27 +346,9 @@ class QuarantineConfig:
     path: str = "var/quarantine"
 
 
-def parse_duration(value: str | int | float) -> float:
-    """'90s', '15m', '1h', '5d' or plain seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError('expected a duration like "15m"')
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        v = value.strip().lower()
-        units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-        mult = units.get(v[-1:], 0)
-        num = v[:-1] if mult else v
-        try:
-            seconds = float(num) * (mult or 1)
-        except ValueError:
-            raise ValueError(f'{value!r} is not a duration like "15m", "1h" or "5d"') from None
-    if seconds <= 0:
-        raise ValueError(f"{value!r} is not a positive duration")
-    return seconds
-
-
-def _durations(values: list[str]) -> tuple[float, ...]:
+def _durations(values: Any) -> tuple[float, ...]:
+    if not isinstance(values, list):
+        raise ValueError(f"expected a list of durations, got {_describe(values)}")
     if not values:
         raise ValueError("needs at least one step")
     return tuple(parse_duration(v) for v in values)
@@ -321,11 +361,14 @@ class SpoolConfig:
     path: str = "var/spool"
     retry_schedule: tuple[float, ...] = field(
         default=(60.0, 300.0, 900.0, 1800.0, 3600.0),
-        metadata=_check(_durations, 'a list of durations, e.g. ["1m", "5m", "15m", "30m", "1h"]'),
+        metadata={
+            **_check(_durations, 'a list of durations, e.g. ["1m", "5m", "15m", "30m", "1h"]'),
+            "raw": True,
+        },
     )
     max_age: float = field(
         default=5 * 86400.0,
-        metadata={**_check(parse_duration, 'a duration, e.g. "5d"'), "raw": True},
+        metadata=_seconds('"5d"'),
     )
 
 
@@ -799,10 +842,24 @@ def _cross_checks(cfg: Config, source: str) -> None:
         raise ConfigError([f"{source}: {p}" for p in problems])
 
 
-def load(path: str | Path | None) -> Config:
-    """Load a config file, or the embedded defaults when `path` is None."""
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a config file, or the embedded defaults when `path` is None.
+
+    `overrides` (from `serve --listen` and friends) is TOML-shaped data laid
+    over the file: checked on its own first, so a bad flag is reported as
+    the command line's, not the file's, and applied again on every reload.
+    """
+    if overrides:
+        from_dict(overrides, source="command line")
     if path is None:
-        return from_dict({})
+        return from_dict(overrides or {})
     p = Path(path)
     try:
         text = p.read_text("utf-8")
@@ -816,7 +873,7 @@ def load(path: str | Path | None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: TOML syntax error: {exc}"]) from None
-    return from_dict(data, source=str(p))
+    return from_dict(_merge(data, overrides or {}), source=str(p))
 
 
 def upstream_parts(url: str) -> tuple[str, str, int, str]:

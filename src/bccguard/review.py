@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
@@ -130,7 +130,8 @@ def summary(q: Quarantine, e: Entry) -> dict[str, Any]:
 def cmd_list(cfg: Config, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     q = _store(cfg)
     try:
-        rows = [summary(q, e) for e in q.entries()]
+        # Newest first: the message an admin came to look at is the one just held.
+        rows = sorted((summary(q, e) for e in q.entries()), key=lambda r: r["time"], reverse=True)
     except OSError as exc:
         raise _fail(f"cannot read {q.path}: {_why(exc)} (fix: run as the relay's user)", EX_FAILED) from None
     if as_json:
@@ -319,18 +320,54 @@ def delete_now(cfg: Config, entry_id: str, *, who: str | None = None, via: str |
         q.audit("delete", e.id, "deleted", who=who, **extra)
 
 
-def cmd_purge(cfg: Config, older_than: str, *, out: TextIO = sys.stdout) -> int:
-    _duration(older_than)
+def purge_age(older_than: str) -> float:
+    """`--older-than` in seconds; a bare number is refused (30 meant seconds once, and emptied a store)."""
+    try:
+        return parse_duration(older_than)
+    except ValueError as exc:
+        raise _fail(f"--older-than: {exc} (fix: e.g. --older-than 30d)") from None
+
+
+def cmd_purge(
+    cfg: Config,
+    older_than: str,
+    *,
+    dry_run: bool = False,
+    confirm: Callable[[str], bool] | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Remove what was held longer than `older_than`; list it first.
+
+    `dry_run` lists and stops. `confirm` (the CLI passes a terminal prompt
+    unless --yes) sees the summary and may decline: held mail is the only
+    copy of a message, so a purge is never a surprise.
+    """
+    seconds = purge_age(older_than)
     q = _store(cfg)
     if not q.path.is_dir():
         print(f"nothing to purge: {q.path} does not exist", file=out)
         return EX_OK
-    counts = purge_now(cfg, older_than)
-    print(
-        f"purged {counts['entry']} entries older than {older_than}, "
-        f"{counts['orphan']} orphan messages, {counts['temp']} temp files",
-        file=out,
+    plan = q.purge_plan(seconds)
+    counts = {"entry": 0, "orphan": 0, "temp": 0}
+    for item, kind in plan:
+        counts[kind] += 1
+        print(_purge_line(q, item, kind), file=out)
+    what = (
+        f"{counts['entry']} entries older than {older_than}, "
+        f"{counts['orphan']} orphan messages, {counts['temp']} temp files"
     )
+    if dry_run:
+        print(f"would purge {what} (--dry-run: nothing removed)", file=out)
+        return EX_OK
+    if not plan:
+        print(f"nothing to purge in {q.path}: {what}", file=out)
+        return EX_OK
+    if confirm is not None and not confirm(f"purge {what} from {q.path} for good?"):
+        print("nothing purged", file=out)
+        return EX_FAILED
+    for item, kind in q.purge(plan):
+        q.audit("purge", item, "removed", kind=kind, older_than=older_than)
+    print(f"purged {what}", file=out)
     return EX_OK
 
 
@@ -338,20 +375,24 @@ def purge_now(
     cfg: Config, older_than: str, *, who: str | None = None, via: str | None = None
 ) -> dict[str, int]:
     """Remove entries held longer than `older_than` ("30d"), each removal audited."""
-    seconds = _duration(older_than)
+    seconds = purge_age(older_than)
     q = _store(cfg)
     counts = {"entry": 0, "orphan": 0, "temp": 0}
     if not q.path.is_dir():
         return counts
     extra = {"via": via} if via else {}
-    for item, kind in q.purge(seconds):
+    for item, kind in q.purge(q.purge_plan(seconds)):
         counts[kind] += 1
         q.audit("purge", item, "removed", who=who, kind=kind, older_than=older_than, **extra)
     return counts
 
 
-def _duration(older_than: str) -> float:
+def _purge_line(q: Quarantine, item: str, kind: str) -> str:
+    if kind != "entry":
+        why = "an interrupted write" if kind == "temp" else "orphan message, never answered 250"
+        return f"{item:<30} ({why})"
     try:
-        return parse_duration(older_than)
-    except ValueError as exc:
-        raise _fail(f"--older-than: {exc} (fix: e.g. --older-than 30d)") from None
+        s = summary(q, q.get(item))
+    except (OSError, ValueError):
+        return f"{item:<30} (unreadable entry)"
+    return f"{item:<30} {s['received'][:19]:<19} {s['mail_from'] or '<>'} / {s['subject'][:60]}"

@@ -56,6 +56,7 @@ from typing import Any
 
 from bccguard.config import Config, parse_hostport
 from bccguard.ops.readiness import outbox_path, read_state, upstream_readiness
+from bccguard.preflight import binding
 
 ENV_WORKER = "BCCGUARD_WORKER"
 READY_TIMEOUT = 60.0  # seconds a worker may take to import, open stores and bind
@@ -148,9 +149,11 @@ class Supervisor:
         config_path: str | None,
         argv: Sequence[str] | None = None,
         log: Callable[..., None] | None = None,
+        serve_args: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.config_path = config_path
+        self.serve_args = list(serve_args)  # `serve --listen ...` overrides, passed on to every worker
         self.count = config.server.workers
         # How to start one worker: this same program, `serve`, same config file.
         self.argv = list(argv) if argv is not None else self._default_argv()
@@ -169,13 +172,15 @@ class Supervisor:
         argv = [sys.executable, "-m", "bccguard.cli", "serve"]
         if self.config_path is not None:
             argv += ["--config", str(Path(self.config_path).resolve())]
+        argv += self.serve_args
         return argv
 
     # ------------------------------------------------------------ start
 
     def start(self) -> None:
         """Reserve the port, set up metrics, start every worker and wait until each listens."""
-        self._sock, _, self.port = reserve_port(self.config.server.listen)
+        with binding("server.listen", self.config.server.listen):
+            self._sock, _, self.port = reserve_port(self.config.server.listen)
         self._setup_metrics_dir()
         if self.config.metrics.listen:
             # Before the workers: a taken port fails fast, and /healthz answers during start.
@@ -257,7 +262,8 @@ class Supervisor:
         MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
         self._registry = registry
         self._ops = OpsServer(self.config.metrics.listen, None, self.readiness, registry=registry)
-        self._ops.start()
+        with binding("metrics.listen", self.config.metrics.listen):
+            self._ops.start()
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when every worker listens and one of them reached the upstream recently."""
@@ -367,7 +373,8 @@ class Supervisor:
             self._sock = None
         if self._own_metrics_dir and self._metrics_dir:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
-        self._log("stopped", workers=self.count, codes=codes)
+        if codes:  # a start that failed before any worker ran is reported by the caller, not as a stop
+            self._log("stopped", workers=self.count, codes=codes)
         return 1 if failed or any(c != 0 for c in codes) else 0
 
 

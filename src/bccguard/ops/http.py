@@ -99,9 +99,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _readyz(self, body: bool) -> None:
         try:
             ready, reason = self.server.readiness()
-        except Exception:
-            log.exception("readiness check failed")
-            ready, reason = False, "readiness check raised an error"
+        except Exception as exc:
+            # Type and message in the line itself: a traceback may be dropped by a log pipeline,
+            # and "ModuleNotFoundError: No module named 'bccguard.app'" is the whole diagnosis.
+            log.exception("readiness check raised %s: %s", type(exc).__name__, exc)
+            ready, reason = False, f"readiness check raised an error ({type(exc).__name__})"
         status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
         text = reason or ("ready" if ready else "not ready")
         self._send(status, text.encode("utf-8", "replace") + b"\n", body=body)

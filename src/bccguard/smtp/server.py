@@ -116,6 +116,19 @@ class RelaySession(Session):
         self.bad_commands = 0
         self.junk_commands = 0  # NOOP/RSET/VRFY/EXPN/HELP since the last delivered message
 
+    # aiosmtpd's smtp_AUTH itself assigns the deprecated `login_data` after every
+    # successful AUTH, and its property logs "Session.login_data is deprecated" at
+    # WARNING each time: noise that trips warning-level alerting on normal
+    # operation. bccguard never reads it (the identity is `auth_data`, and
+    # `bccguard_user`); this plain attribute takes the assignment quietly.
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
 
 def peer_ip(peer: Any) -> str:
     if isinstance(peer, tuple) and peer:

@@ -118,28 +118,35 @@ class Quarantine:
                 continue  # removed meanwhile, or a torn file from an old crash: purge handles it
         return out
 
-    def purge(self, older_than: float, now: float | None = None) -> Iterator[tuple[str, str]]:
-        """Remove entries held longer than `older_than` seconds, and crash leftovers.
+    def purge_plan(self, older_than: float, now: float | None = None) -> list[tuple[str, str]]:
+        """What `purge` would remove, as (id, what), without removing anything.
 
-        Yields (id, what) as each goes: "entry", "orphan" (an .eml whose .json
-        was never written: the client got no 250 for it) or "temp" (a temp
-        file from an interrupted write). Leftovers younger than an hour are
+        "entry": held longer than `older_than` seconds; "orphan": an .eml whose
+        .json was never written (the client got no 250 for it); "temp": a temp
+        file from an interrupted write. Leftovers younger than an hour are
         kept, since they may belong to a write in progress right now.
         """
         now = time.time() if now is None else now
-        for e in self.entries():
-            if now - float(e.meta.get("time", now)) > older_than:
-                remove_entry(self.path, e.id)
-                yield e.id, "entry"
+        plan = [
+            (e.id, "entry") for e in self.entries() if now - float(e.meta.get("time", now)) > older_than
+        ]
         grace = min(older_than, ORPHAN_GRACE)
         for p in sorted(self.path.glob("*.eml")):
             if not (self.path / f"{p.stem}.json").exists() and _age(p, now) > grace:
-                p.unlink(missing_ok=True)
-                yield p.stem, "orphan"
-        for p in sorted(self.path.glob(".*.tmp")):
-            if _age(p, now) > ORPHAN_GRACE:
-                p.unlink(missing_ok=True)
-                yield p.name, "temp"
+                plan.append((p.stem, "orphan"))
+        plan += [(p.name, "temp") for p in sorted(self.path.glob(".*.tmp")) if _age(p, now) > ORPHAN_GRACE]
+        return plan
+
+    def purge(self, plan: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+        """Remove what `purge_plan` listed, yielding each (id, what) as it goes."""
+        for item, kind in plan:
+            if kind == "entry":
+                remove_entry(self.path, item)
+            elif kind == "orphan":
+                (self.path / f"{check_id(item)}.eml").unlink(missing_ok=True)
+            else:
+                (self.path / item).unlink(missing_ok=True)
+            yield item, kind
 
     # ------------------------------------------------------------ audit log
     def audit(self, what: str, entry_id: str, result: str, *, who: str | None = None, **detail: Any) -> None:

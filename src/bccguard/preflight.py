@@ -1,0 +1,172 @@
+"""Checks of the world a config points at, and start-up errors that name what failed.
+
+`config check` asks "would `serve` start with this file, as this user, here?"
+without changing anything; `serve` asks the same while creating its state
+directories. Both go through this module, so they cannot disagree. A failure
+is one line naming the one socket or path, the errno in words and the config
+key (and `serve` flag) that sets it: "address already in use" alone does not
+say which of two ports is taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import getpass
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from bccguard.config import Config, parse_hostport, upstream_parts
+
+# The `serve` flag that overrides each key (see cli.py), for the fix of a start-up error.
+FLAGS = {
+    "server.listen": "--listen",
+    "metrics.listen": "--metrics-listen",
+    "upstream.url": "--upstream",
+}
+
+
+class StartError(Exception):
+    """Something outside the config file stops the relay: a port, a path, a name."""
+
+    def __init__(self, key: str, value: str, reason: str, fix: str) -> None:
+        super().__init__(f"{key} = {value!r}: {reason} (fix: {fix})")
+        self.key = key
+        self.value = value
+
+
+def errno_words(exc: OSError) -> str:
+    """'address already in use (EADDRINUSE)': the text and the name an admin can search for."""
+    # asyncio's create_server wraps the text ("error while attempting to bind on address ..."):
+    # the errno's own words are what the admin needs.
+    text = (os.strerror(exc.errno) if exc.errno else str(exc)).rstrip(".")
+    text = text[:1].lower() + text[1:]
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return f"{text} ({name})" if name else text
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container with an arbitrary UID)
+        return f"uid {os.geteuid()}"
+
+
+def _key_hint(key: str) -> str:
+    flag = FLAGS.get(key)
+    return f"in {key}" + (f" or with `serve {flag}`" if flag else "")
+
+
+@contextlib.contextmanager
+def binding(key: str, value: str) -> Iterator[None]:
+    """Turn a bind/resolve failure of the socket that `key` configures into a StartError."""
+    try:
+        yield
+    except StartError:
+        raise
+    except socket.gaierror as exc:
+        raise StartError(
+            key, value, f"host name not found ({exc.strerror})",
+            f"use an IP address, or a name this host resolves, {_key_hint(key)}",
+        ) from None  # fmt: skip
+    except OSError as exc:
+        raise StartError(key, value, errno_words(exc), _bind_fix(exc, key, value)) from None
+
+
+def _bind_fix(exc: OSError, key: str, value: str) -> str:
+    hint = _key_hint(key)
+    if exc.errno == errno.EADDRINUSE:
+        return f"another process listens there (`ss -ltnp` names it): stop it, or set a free port {hint}"
+    if exc.errno == errno.EACCES:
+        return f"ports below 1024 need root or CAP_NET_BIND_SERVICE: set a port from 1024 up {hint}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"that address is not one of this machine's (`ip addr` lists them): change it {hint}"
+    return f"change it {hint}"
+
+
+def listen_problem(key: str, value: str) -> str | None:
+    """A listen address `serve` could not bind because its host does not resolve; None if fine."""
+    host, port = parse_hostport(value)
+    try:
+        socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"{key} = {value!r}: host name not found ({exc.strerror}) (fix: use an IP address)"
+    return None
+
+
+# ------------------------------------------------------------------ paths
+
+
+def state_dirs(cfg: Config) -> list[tuple[str, Path]]:
+    """The directories the relay writes, with the key that sets each."""
+    dirs = [("quarantine.path", Path(cfg.quarantine.path)), ("spool.path", Path(cfg.spool.path))]
+    scheme, _, _, path = upstream_parts(cfg.upstream.url)
+    if scheme == "maildir":
+        dirs.append(("upstream.url", Path(path)))
+    return dirs
+
+
+def dir_problem(key: str, path: Path) -> str | None:
+    """Why `serve` could not use `path` as this user, or None; creates nothing.
+
+    A missing directory is fine when `serve` could create it: its nearest
+    existing parent must be a directory this user may write into.
+    """
+    if path.exists():
+        if not path.is_dir():
+            return f"{key}: {path} is not a directory (fix: point {key} at a directory)"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return (
+                f"{key}: {path} is not writable by {_user()} (fix: run as the relay's user, "
+                f"or chown/chmod it, or point {key} elsewhere)"
+            )
+        return None
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return (
+            f"{key}: {path} does not exist and {_user()} cannot create it in {parent} "
+            f"(fix: create it for the relay's user, e.g. install -d -m 0700 -o bccguard {path}; "
+            f"or point {key} elsewhere)"
+        )
+    return None
+
+
+def prepare_dirs(cfg: Config) -> list[tuple[str, Path]]:
+    """`serve` only: create the state directories (0700) that are missing; the created ones.
+
+    Raises StartError naming the key when one cannot be created or written.
+    """
+    created = []
+    for key, path in state_dirs(cfg):
+        existed = path.is_dir()
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartError(
+                key, str(path), f"cannot create {exc.filename or path}: {errno_words(exc)}",
+                f"create it for the relay's user, or point {key} elsewhere",
+            ) from None  # fmt: skip
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise StartError(
+                key, str(path), f"not writable by {_user()}: permission denied (EACCES)",
+                f"run as the relay's user, or chown it, or point {key} elsewhere",
+            )  # fmt: skip
+        if not existed:
+            created.append((key, path))
+    return created
+
+
+NO_INTERNAL_DOMAINS = (
+    "policy.internal_domains is empty: colleagues' addresses count as customers' and are hidden "
+    "or counted as exposed (fix: internal_domains = [\"corp.example\"] in [policy], "
+    "or serve --internal-domain corp.example)"
+)
+
+
+def policy_warnings(cfg: Config) -> list[str]:
+    """Legal configs that probably do not do what the admin wants; said by serve, check and config check."""
+    return [NO_INTERNAL_DOMAINS] if not cfg.policy.defaults.internal_domains else []
