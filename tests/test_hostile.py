@@ -406,7 +406,14 @@ def proxy_v2(src: str, dst: str = "127.0.0.1", sport: int = 40000, dport: int = 
 
 async def test_proxy_v2_client_address_decides_relaying(start_relay: StartRelay, sink: Sink) -> None:
     app = await start_relay(
-        sink.url, {"server": {"proxy_protocol": True, "allowed_networks": ["192.0.2.0/24"]}}
+        sink.url,
+        {
+            "server": {
+                "proxy_protocol": True,
+                "proxy_trusted_networks": ["127.0.0.1/32"],
+                "allowed_networks": ["192.0.2.0/24"],
+            }
+        },
     )
     for src, expected in (("192.0.2.10", b"250"), ("198.51.100.7", b"554")):
         reader, writer = await _open(app.port)
@@ -435,7 +442,14 @@ async def test_garbage_proxy_header_is_dropped_without_a_greeting(
 ) -> None:
     app = await start_relay(
         sink.url,
-        {"server": {"proxy_protocol": True, "allowed_networks": ["192.0.2.0/24"], "command_timeout": 3.0}},
+        {
+            "server": {
+                "proxy_protocol": True,
+                "proxy_trusted_networks": ["127.0.0.1/32"],
+                "allowed_networks": ["192.0.2.0/24"],
+                "command_timeout": 3.0,
+            }
+        },
     )
     reader, writer = await _open(app.port)
     writer.write(header)
@@ -458,7 +472,15 @@ async def test_per_ip_limit_applies_to_the_proxied_client_not_the_balancer(
     start_relay: StartRelay, sink: Sink
 ) -> None:
     app = await start_relay(
-        sink.url, {"server": {"proxy_protocol": True, "max_sessions_per_ip": 1, "max_sessions": 10}}
+        sink.url,
+        {
+            "server": {
+                "proxy_protocol": True,
+                "proxy_trusted_networks": ["127.0.0.1/32"],
+                "max_sessions_per_ip": 1,
+                "max_sessions": 10,
+            }
+        },
     )
     writers = []
     try:

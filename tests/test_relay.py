@@ -256,7 +256,13 @@ async def test_proxy_protocol_client_address_decides_relaying(start_relay: Start
     """Behind HAProxy the TCP peer is the proxy; the PROXY header's source is the client."""
     app = await start_relay(
         f"smtp://127.0.0.1:{sink.port}",
-        {"server": {"proxy_protocol": True, "allowed_networks": ["192.0.2.0/24"]}},
+        {
+            "server": {
+                "proxy_protocol": True,
+                "proxy_trusted_networks": ["127.0.0.1/32"],
+                "allowed_networks": ["192.0.2.0/24"],
+            }
+        },
     )
     for src, expected in (("192.0.2.10", b"250"), ("198.51.100.7", b"554")):
         reader, writer = await asyncio.open_connection("127.0.0.1", app.port)

@@ -232,6 +232,13 @@ class ServerConfig:
     max_auth_failures: int = field(default=3, metadata=_check(_positive, "e.g. 3"))
     shutdown_timeout: float = field(default=30.0, metadata=_check(_positive, "seconds, e.g. 30"))
     proxy_protocol: bool = False
+    # Who may send a PROXY header (the load balancers): required with
+    # proxy_protocol, else anyone reaching the port could claim an allowed
+    # client address. Connections from elsewhere are closed before the greeting.
+    proxy_trusted_networks: tuple[IPNetwork, ...] = field(
+        default=(),
+        metadata=_check(_networks, 'list the load balancers\' CIDR networks, e.g. ["10.0.0.5/32"]'),
+    )
     # Processes sharing the port (SO_REUSEPORT) under one supervisor; 1: no
     # supervisor. "auto" (the default) is resolved here, at load, to one per
     # usable CPU: a relay is one Python loop per core, so one process leaves
@@ -633,6 +640,11 @@ def _cross_checks(cfg: Config, source: str) -> None:
     if cfg.server.auth_file and not tls.cert:
         problems.append(
             "server.auth_file: AUTH is only offered over TLS (fix: set server.tls.cert and key)"
+        )
+    if cfg.server.proxy_protocol and not cfg.server.proxy_trusted_networks:
+        problems.append(
+            "server.proxy_trusted_networks: required when server.proxy_protocol = true, or anyone "
+            'could claim a client address (fix: list the load balancers, e.g. ["10.0.0.5/32"])'
         )
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")

@@ -52,6 +52,7 @@ CONNECTION_RESULTS: Final = (
     "refused_network",
     "refused_auth",
     "refused_limit",
+    "refused_proxy_untrusted",  # PROXY-protocol listener, peer outside proxy_trusted_networks
     "protocol_error",
 )
 REPLY_CLASSES: Final = ("2xx", "3xx", "4xx", "5xx")

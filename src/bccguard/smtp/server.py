@@ -39,7 +39,7 @@ from aiosmtpd.smtp import (
     TLSSetupException,
 )
 
-from bccguard.ops.logs import ADDRESS_LIKE, address_hash
+from bccguard.ops.logs import ADDRESS_LIKE, OncePer, address_hash
 from bccguard.smtp.paths import parse_path, path_problem, raw_path_with_controls, split_path
 from bccguard.smtp.protocol_init import init_smtp
 
@@ -77,6 +77,9 @@ class SessionGate:
     def __init__(self) -> None:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
+        # Per-client log lines a remote host can provoke at will (failed TLS
+        # handshakes, PROXY from an untrusted host): one a minute per address.
+        self.noise = OncePer()
 
     def admit(self, ip: str | None, max_total: int, max_per_ip: int) -> str | None:
         """Admit one session (and, unless `ip` is None, its per-IP share); a 421 line if refused."""
@@ -257,6 +260,9 @@ class RelaySMTP(SMTP):
         # With PROXY protocol the TCP peer is the load balancer: per-IP
         # admission waits for the header (RelayHandler.handle_PROXY).
         ip = None if server.proxy_protocol else peer_ip(transport.get_extra_info("peername"))
+        if ip is None and not self._proxy_peer_trusted(transport):
+            self._refused = True
+            return
         refusal = self._gate.admit(ip, server.max_sessions, server.max_sessions_per_ip)
         if refusal is not None:
             runtime.metrics.connection("refused_limit")
@@ -273,6 +279,24 @@ class RelaySMTP(SMTP):
         self._sessions.add(self)
         runtime.metrics.session_opened()
         super().connection_made(transport)
+
+    def _proxy_peer_trusted(self, transport: asyncio.BaseTransport) -> bool:
+        """Only `proxy_trusted_networks` may send a PROXY header; anyone else is closed unanswered.
+
+        A PROXY header names the client that `allowed_networks` judges, so
+        from an untrusted host it is a forged licence to relay. Refused before
+        the greeting (no SMTP dialogue with a host that is not the balancer),
+        counted, and logged once a minute per address.
+        """
+        runtime = self._runtime_ref()
+        ip = peer_ip(transport.get_extra_info("peername"))
+        if client_allowed(ip, runtime.config.server.proxy_trusted_networks):
+            return True
+        runtime.metrics.connection("refused_proxy_untrusted")
+        if self._gate.noise.allow("proxy:" + ip, self.loop.time()):
+            runtime.log.warning("proxy_untrusted_refused", client=ip, note="not in proxy_trusted_networks")
+        transport.close()
+        return False
 
     def admit_client(self, ip: str) -> str | None:
         """Per-IP admission for the real client named by a PROXY header; a 421 line if refused."""
@@ -292,6 +316,21 @@ class RelaySMTP(SMTP):
             self._sessions.discard(self)
             self._runtime_ref().metrics.session_closed()
         super().connection_lost(error)
+
+    def eof_received(self) -> bool:
+        """The client sent FIN: end the session now, whatever state it is in.
+
+        aiosmtpd cancels the command loop but returns True (keep the
+        half-closed transport open), and a loop cancelled before its first
+        step (EOF before the greeting or the PROXY header: a load balancer's
+        TCP health check) never closes it: the fd and the per-IP slot stayed
+        taken until command_timeout. False makes the transport close itself,
+        so connection_lost releases the slot at once. A message in DATA was
+        not answered 250, so its client retries; an upstream delivery already
+        under way is shielded and finishes (at worst a duplicate, never a loss).
+        """
+        super().eof_received()
+        return False
 
     def _timeout_cb(self) -> None:
         """Command or DATA timeout (RFC 5321 4.5.3.2): say why before closing, as Postfix does.
@@ -846,8 +885,8 @@ class RelayHandler:
     async def handle_PROXY(
         self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data: Any
     ) -> bool:
-        """Trust a well-formed header (only the load balancer can reach a proxy_protocol
-        listener), then apply the per-IP session limit to the client it names."""
+        """Trust a well-formed header (the peer is in proxy_trusted_networks: checked at
+        connect), then apply the per-IP session limit to the client it names."""
         if not getattr(proxy_data, "valid", False):
             return False
         src = getattr(proxy_data, "src_addr", None)

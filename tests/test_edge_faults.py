@@ -1,0 +1,279 @@
+"""SMTP edge faults found by an independent fault run (issue 12), against real relays.
+
+Each test reproduces what was seen (half-closed clients, a shutdown with
+sessions in DATA, slow clients filling every slot, a second instance on the
+same port, PROXY headers from anyone, TLS noise, RFC 5321 gaps) and checks
+the invariants every such test owes: no 250 without the message upstream,
+no address in a reply or log line, fds/tasks/sessions back to baseline, and
+a normal message served afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import smtplib
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import StartRelay, message, send
+from deploy_helpers import RelayProcess, free_port, poll, to_toml
+from sink import Sink
+
+CUSTOMER = "person1@gmail.com"
+
+
+# ------------------------------------------------------------------ helpers
+
+
+async def _open(
+    port: int, host: str = "127.0.0.1", source: str | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(
+        asyncio.open_connection(host, port, local_addr=(source, 0) if source else None), 10
+    )
+
+
+async def _read_to_eof(reader: asyncio.StreamReader, within: float = 10.0) -> bytes:
+    """Everything the relay sends until it closes its side (a deadline, not a timing check)."""
+    out = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await asyncio.wait_for(reader.read(65536), within):
+            out += chunk
+    return out
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    """One whole reply (multi-line joined); never an address in it."""
+    lines = []
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        assert line, "connection closed"
+        assert b"@" not in line, f"an address leaked into a reply: {line!r}"
+        lines.append(line)
+        if line[3:4] != b"-":
+            return b"".join(lines)
+
+
+async def _cmd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> bytes:
+    writer.write(data)
+    await writer.drain()
+    return await _reply(reader)
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _relay_toml(tmp_path: Path, name: str, port: int, metrics_port: int, **server: Any) -> Path:
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(
+        to_toml(
+            {
+                "server": {
+                    "listen": f"127.0.0.1:{port}",
+                    "hostname": "relay.test",
+                    "workers": 1,
+                    "shutdown_timeout": 5.0,
+                    **server,
+                },
+                "upstream": {"url": f"maildir:{tmp_path / name / 'outbox'}"},
+                "quarantine": {"path": str(tmp_path / name / "quarantine")},
+                "spool": {"path": str(tmp_path / name / "spool")},
+                "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+                "logging": {"format": "json"},
+                "policy": {"internal_domains": ["corp.example"]},
+            }
+        )
+    )
+    return cfg
+
+
+def _delivered(tmp_path: Path, name: str) -> int:
+    new = tmp_path / name / "outbox" / "new"
+    return len(list(new.iterdir())) if new.is_dir() else 0
+
+
+def _send_plain(port: int, rcpt: str = "colleague@corp.example") -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as c:
+        c.ehlo("client.test")
+        c.mail("news@corp.example")
+        assert c.rcpt(rcpt)[0] == 250
+        return c.data(message(["colleague@corp.example"]))
+
+
+def _assert_log_private(relay: RelayProcess) -> None:
+    text = relay.log_path.read_text("utf-8", "replace")
+    assert "@corp.example" not in text and CUSTOMER not in text
+    assert "Traceback" not in text
+
+
+# ------------------------------------------------------------------ item 2: half-closed clients
+
+
+async def _half_close(port: int, stage: str, proxy: bool) -> bytes:
+    """Connect, get to `stage`, send FIN (write_eof) and read until the relay closes its side."""
+    reader, writer = await _open(port)
+    try:
+        if proxy and stage != "before-proxy":
+            writer.write(b"PROXY TCP4 192.0.2.10 127.0.0.1 40000 25\r\n")
+        if stage in ("mid-command", "mid-data"):
+            assert (await _reply(reader)).startswith(b"220")
+            assert (await _cmd(reader, writer, b"EHLO client.test\r\n")).startswith(b"250")
+        if stage == "mid-command":
+            writer.write(b"MAIL FROM:<news@corp.exa")
+        elif stage == "mid-data":
+            assert (await _cmd(reader, writer, b"MAIL FROM:<news@corp.example>\r\n")).startswith(b"250")
+            assert (await _cmd(reader, writer, b"RCPT TO:<colleague@corp.example>\r\n")).startswith(b"250")
+            assert (await _cmd(reader, writer, b"DATA\r\n")).startswith(b"354")
+            writer.write(b"Subject: half\r\n\r\nhalf a message\r\n")
+        writer.write_eof()
+        # The relay closes its side at once: this read ends with EOF, not after command_timeout.
+        return await _read_to_eof(reader)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("proxy", [False, True], ids=["direct", "proxy-protocol"])
+async def test_half_closed_clients_release_their_slot_at_once(tmp_path: Path, proxy: bool) -> None:
+    """1,000 half-closed connections (500 per mode) in every state leave no session, fd or slot behind.
+
+    Seen: a client that closed before reading the greeting (a TCP health
+    check) held its fd and per-IP slot until command_timeout; 60 of them
+    locked the address out with 421 4.7.0.
+    """
+    port, mport = free_port(), free_port()
+    server: dict[str, Any] = {"max_sessions_per_ip": 50, "command_timeout": 300.0}
+    if proxy:
+        server.update(
+            proxy_protocol=True, proxy_trusted_networks=["127.0.0.0/8"], allowed_networks=["192.0.2.0/24"]
+        )
+    relay = RelayProcess(_relay_toml(tmp_path, "r", port, mport, **server), tmp_path / "relay.log")
+    await relay.astart()
+    metrics = f"http://127.0.0.1:{mport}/metrics"
+    try:
+        pid = relay.proc.pid  # type: ignore[union-attr]
+        if not proxy:
+            assert (await asyncio.to_thread(_send_plain, port))[0] == 250
+        baseline = _fds(pid)
+        stages = ["before-greeting", "mid-command", "mid-data"]
+        if proxy:
+            stages = ["before-proxy", *stages]
+        n = 500
+        per_batch = 40  # under max_sessions_per_ip: any 421 means slots leaked
+        for start in range(0, n, per_batch):
+            batch = [
+                _half_close(port, stages[i % len(stages)], proxy)
+                for i in range(start, min(n, start + per_batch))
+            ]
+            for got in await asyncio.gather(*batch):
+                assert b"421" not in got, got
+                assert b"250 2.0.0" not in got  # half a message is never accepted
+        await poll(lambda: _metric(metrics, "bccguard_smtp_sessions_active") == 0, "sessions back to 0", 20)
+        await poll(lambda: _fds(pid) <= baseline, f"relay fds back to {baseline}", 20)
+        # the next client is served, and nothing half-sent was delivered
+        before = _delivered(tmp_path, "r")
+        if proxy:
+            reader, writer = await _open(port)
+            writer.write(b"PROXY TCP4 192.0.2.10 127.0.0.1 40000 25\r\n")
+            assert (await _reply(reader)).startswith(b"220")
+            await _cmd(reader, writer, b"EHLO client.test\r\n")
+            await _cmd(reader, writer, b"MAIL FROM:<news@corp.example>\r\n")
+            await _cmd(reader, writer, b"RCPT TO:<colleague@corp.example>\r\n")
+            await _cmd(reader, writer, b"DATA\r\n")
+            assert (await _cmd(reader, writer, message(["colleague@corp.example"]) + b".\r\n")).startswith(
+                b"250"
+            )
+            writer.close()
+        else:
+            assert (await asyncio.to_thread(_send_plain, port))[0] == 250
+        assert _delivered(tmp_path, "r") == before + 1
+    finally:
+        await relay.astop()
+    _assert_log_private(relay)
+
+
+async def test_half_closed_clients_leave_no_task_behind(start_relay: StartRelay, sink: Sink) -> None:
+    """The same in-process: the session gate and the loop's task list return to baseline."""
+    app = await start_relay(sink.url, {"server": {"command_timeout": 300.0}})
+    await send(app.port, "news@corp.example", ["colleague@corp.example"], message(["colleague@corp.example"]))
+    baseline = len(asyncio.all_tasks())
+    for stage in ("before-greeting", "mid-command", "mid-data"):
+        await asyncio.gather(*(_half_close(app.port, stage, False) for _ in range(30)))
+    await poll(lambda: app.gate.total == 0 and not app.sessions, "no session left", 10)
+    await poll(lambda: len(asyncio.all_tasks()) <= baseline, "tasks back to baseline", 10)
+    await send(app.port, "news@corp.example", ["colleague@corp.example"], message(["colleague@corp.example"]))
+    assert len(sink.messages) == 2
+
+
+# ------------------------------------------------------------------ item 10: PROXY only from trusted hosts
+
+
+def test_config_check_requires_proxy_trusted_networks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bccguard.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(to_toml({"server": {"proxy_protocol": True}}))
+    assert main(["config", "check", "--config", str(cfg)]) == 78
+    err = capsys.readouterr().err
+    assert "server.proxy_trusted_networks: required when server.proxy_protocol = true" in err
+    assert "Traceback" not in err
+    cfg.write_text(to_toml({"server": {"proxy_protocol": True, "proxy_trusted_networks": ["10.0.0.5/32"]}}))
+    assert main(["config", "check", "--config", str(cfg)]) == 0
+
+
+async def test_proxy_header_from_an_untrusted_host_is_refused_before_the_greeting(tmp_path: Path) -> None:
+    """Seen: any host reaching the port sent `PROXY TCP4 <allowed address>` and relayed."""
+    port, mport = free_port(), free_port()
+    relay = RelayProcess(
+        _relay_toml(
+            tmp_path, "r", port, mport, listen=f"0.0.0.0:{port}", proxy_protocol=True,
+            proxy_trusted_networks=["127.0.0.9/32"], allowed_networks=["192.0.2.0/24"],
+        ),
+        tmp_path / "relay.log",
+    )  # fmt: skip
+    await relay.astart()
+    metrics = f"http://127.0.0.1:{mport}/metrics"
+    refused = 'bccguard_smtp_connections_total{result="refused_proxy_untrusted"}'
+    try:
+        for _ in range(5):  # a forger: a well-formed header naming an allowed client
+            reader, writer = await _open(port, source="127.0.0.2")
+            writer.write(
+                b"PROXY TCP4 192.0.2.10 127.0.0.1 40000 25\r\nEHLO x\r\nMAIL FROM:<news@corp.example>\r\n"
+            )
+            assert await _read_to_eof(reader) == b""  # never greeted, never answered
+            writer.close()
+        assert _metric(metrics, refused) == 5
+        # one log line for the address, not one per connection; no traceback
+        await poll(lambda: len(relay.events("proxy_untrusted_refused")) == 1, "one refusal line", 10)
+        # the balancer (trusted) is served, and relays for the client it names
+        reader, writer = await _open(port, source="127.0.0.9")
+        writer.write(b"PROXY TCP4 192.0.2.10 127.0.0.1 40000 25\r\n")
+        assert (await _reply(reader)).startswith(b"220")
+        await _cmd(reader, writer, b"EHLO client.test\r\n")
+        await _cmd(reader, writer, b"MAIL FROM:<news@corp.example>\r\n")
+        assert (await _cmd(reader, writer, b"RCPT TO:<colleague@corp.example>\r\n")).startswith(b"250")
+        await _cmd(reader, writer, b"DATA\r\n")
+        assert (await _cmd(reader, writer, message(["colleague@corp.example"]) + b".\r\n")).startswith(b"250")
+        writer.close()
+        assert _delivered(tmp_path, "r") == 1
+        assert _metric(metrics, "bccguard_smtp_sessions_active") in (0, 1)
+    finally:
+        await relay.astop()
+    _assert_log_private(relay)
