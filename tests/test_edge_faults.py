@@ -277,3 +277,63 @@ async def test_proxy_header_from_an_untrusted_host_is_refused_before_the_greetin
     finally:
         await relay.astop()
     _assert_log_private(relay)
+
+
+# ------------------------------------------------------------------ item 11: TLS noise, STARTTLS inside TLS
+
+
+async def test_failed_tls_handshakes_are_one_info_line_and_a_count(tmp_path: Path) -> None:
+    """Seen: each failed handshake logged an ERROR with a traceback; STARTTLS inside TLS broke the session."""
+    import ssl
+
+    from sink import self_signed_cert
+
+    (tmp_path / "tls").mkdir()
+    cert, key = self_signed_cert(tmp_path / "tls", "127.0.0.1")
+    port, mport = free_port(), free_port()
+    relay = RelayProcess(
+        _relay_toml(tmp_path, "r", port, mport, tls={"cert": str(cert), "key": str(key)}),
+        tmp_path / "relay.log",
+    )
+    await relay.astart()
+    metrics = f"http://127.0.0.1:{mport}/metrics"
+    n = 30
+    try:
+
+        async def plaintext_after_starttls() -> None:
+            reader, writer = await _open(port)
+            try:
+                await _reply(reader)
+                await _cmd(reader, writer, b"EHLO scanner.test\r\n")
+                assert (await _cmd(reader, writer, b"STARTTLS\r\n")).startswith(b"220")
+                writer.write(b"EHLO scanner.test\r\nMAIL FROM:<news@corp.example>\r\n" * 20)
+                await _read_to_eof(reader)
+            finally:
+                writer.close()
+
+        await asyncio.gather(*(plaintext_after_starttls() for _ in range(n)))
+        await poll(
+            lambda: _metric(metrics, 'bccguard_smtp_connections_total{result="tls_failed"}') == n,
+            "every failed handshake counted", 10,
+        )  # fmt: skip
+        # STARTTLS on an encrypted session: 503, and the session goes on
+        reader, writer = await _open(port)
+        await _reply(reader)
+        await _cmd(reader, writer, b"EHLO client.test\r\n")
+        await _cmd(reader, writer, b"STARTTLS\r\n")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        await writer.start_tls(ctx, server_hostname="127.0.0.1")
+        await _cmd(reader, writer, b"EHLO client.test\r\n")
+        assert await _cmd(reader, writer, b"STARTTLS\r\n") == b"503 5.5.1 TLS already active\r\n"
+        await _cmd(reader, writer, b"MAIL FROM:<news@corp.example>\r\n")
+        assert (await _cmd(reader, writer, b"RCPT TO:<colleague@corp.example>\r\n")).startswith(b"250")
+        await _cmd(reader, writer, b"DATA\r\n")
+        assert (await _cmd(reader, writer, message(["colleague@corp.example"]) + b".\r\n")).startswith(b"250")
+        writer.close()
+        assert _delivered(tmp_path, "r") == 1
+    finally:
+        await relay.astop()
+    failed = relay.events("tls_handshake_failed")
+    assert len(failed) == 1 and failed[0]["level"] == "info"  # one line per client address a minute
+    assert not [r for r in relay.logs() if r.get("level") in ("error", "critical")]
+    _assert_log_private(relay)
