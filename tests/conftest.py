@@ -85,6 +85,12 @@ async def send(
     return await asyncio.to_thread(_send, port, mail_from, rcpts, data, source)
 
 
+def fold(line: str) -> str:
+    """An address header as a mail client writes it: one line, folded after each comma
+    only when it would pass 998 octets (RFC 5322 2.1.1; longer lines get 554 5.6.0)."""
+    return line if len(line) <= 998 else line.replace(", ", ",\r\n ")
+
+
 def message(
     to: list[str],
     *,
@@ -94,9 +100,9 @@ def message(
     extra: str = "",
     body: str = "Hello,\r\nplease answer our survey.\r\n",
 ) -> bytes:
-    head = [f"From: {sender}", f"To: {', '.join(to)}"]
+    head = [f"From: {sender}", fold(f"To: {', '.join(to)}")]
     if cc:
-        head.append(f"Cc: {', '.join(cc)}")
+        head.append(fold(f"Cc: {', '.join(cc)}"))
     head += [f"Subject: {subject}", "Message-ID: <survey-1@corp.example>", "MIME-Version: 1.0"]
     if extra:
         head.append(extra)

@@ -337,3 +337,113 @@ async def test_failed_tls_handshakes_are_one_info_line_and_a_count(tmp_path: Pat
     assert len(failed) == 1 and failed[0]["level"] == "info"  # one line per client address a minute
     assert not [r for r in relay.logs() if r.get("level") in ("error", "critical")]
     _assert_log_private(relay)
+
+
+# ------------------------------------------------------------------ item 12: RFC 5321 conformance
+
+
+def _maildir_messages(tmp_path: Path, name: str) -> list[bytes]:
+    """Delivered messages, without the Return-Path/Delivered-To lines the Maildir writer adds."""
+    new = tmp_path / name / "outbox" / "new"
+    raws = [p.read_bytes() for p in sorted(new.iterdir(), key=lambda p: p.stat().st_mtime_ns)]
+    return [raw[raw.index(b"Received: from ") :] for raw in raws]
+
+
+async def _transaction(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rcpt: bytes, data: bytes
+) -> bytes:
+    """MAIL, RCPT, DATA on an open session; the reply to the final dot."""
+    assert (await _cmd(reader, writer, b"MAIL FROM:<news@corp.example>\r\n")).startswith(b"250")
+    assert (await _cmd(reader, writer, b"RCPT TO:<" + rcpt + b">\r\n")).startswith(b"250")
+    assert (await _cmd(reader, writer, b"DATA\r\n")).startswith(b"354")
+    return await _cmd(reader, writer, data + b".\r\n")
+
+
+async def test_rfc5321_duties_of_a_relay(tmp_path: Path) -> None:
+    """Received on every relayed message, ENHANCEDSTATUSCODES, <postmaster>, NUL and long header lines."""
+    from sink import TRACE_FIELD, without_trace
+
+    port, mport = free_port(), free_port()
+    relay = RelayProcess(_relay_toml(tmp_path, "r", port, mport), tmp_path / "relay.log")
+    await relay.astart()
+    try:
+        reader, writer = await _open(port)
+        await _reply(reader)
+        ehlo = await _cmd(reader, writer, b"EHLO client.test\r\n")
+        assert b"250-ENHANCEDSTATUSCODES\r\n" in ehlo  # (e)
+        data = message(["colleague@corp.example", CUSTOMER])
+        # (a) a trace field naming HELO, IP, host, protocol and id; no `for <address>`
+        assert (await _transaction(reader, writer, b"colleague@corp.example", data)).startswith(b"250")
+        # (c) <postmaster> without a domain, any case, is accepted and relayed as sent
+        assert (await _transaction(reader, writer, b"PostMaster", message(["postmaster"]))).startswith(b"250")
+        # (d) NUL in DATA: refused after the final dot, nothing relayed
+        nul = message(["colleague@corp.example"], body="binary \x00 part\r\n")
+        assert await _transaction(reader, writer, b"colleague@corp.example", nul) == (
+            b"554 5.6.0 Message contains a NUL character (BINARYMIME is not offered)\r\n"
+        )
+        # (b) a header line over 998 octets: the same 554 5.6.0 as a body line
+        long_header = message(["colleague@corp.example"], extra="X-Long: " + "a" * 995)
+        assert (await _transaction(reader, writer, b"colleague@corp.example", long_header)).startswith(
+            b"554 5.6.0 Message has a line longer than 998 characters"
+        )
+        folded = message(["colleague@corp.example"], extra="X-Long: " + "a" * 900 + "\r\n " + "a" * 900)
+        assert (await _transaction(reader, writer, b"colleague@corp.example", folded)).startswith(b"250")
+        assert await _cmd(reader, writer, b"QUIT\r\n") == b"221 Bye\r\n"
+        writer.close()
+    finally:
+        await relay.astop()
+    got = _maildir_messages(tmp_path, "r")
+    assert len(got) == 3  # the first, the postmaster one and the folded one; no NUL, no long line
+    for raw in got:
+        m = TRACE_FIELD.match(raw)
+        assert m is not None, raw[:300]
+        trace = m.group(0)
+        assert trace.startswith(
+            b"Received: from client.test ([127.0.0.1])\r\n\tby relay.test (bccguard) with ESMTP id "
+        )
+        assert b" for " not in trace and b"@" not in trace
+    # the rest is what the client sent (pass), byte for byte
+    assert without_trace(got[0]) == data
+    ids = {TRACE_FIELD.match(raw).group(0).split(b" id ")[1].split(b";")[0] for raw in got}  # type: ignore[union-attr]
+    assert len(ids) == 3  # one id per message
+    _assert_log_private(relay)
+
+
+async def test_postmaster_is_relayed_upstream_but_only_for_allowed_clients(
+    start_relay: StartRelay, sink: Sink
+) -> None:
+    """RFC 5321 4.5.1 through an SMTP upstream; an outsider still gets 554 5.7.1 at RCPT."""
+    app = await start_relay(sink.url, {"server": {"allowed_networks": ["127.0.0.1/32"]}})
+    reader, writer = await _open(app.port)
+    await _reply(reader)
+    await _cmd(reader, writer, b"EHLO client.test\r\n")
+    assert (await _transaction(reader, writer, b"postmaster", message(["postmaster"]))).startswith(b"250")
+    writer.close()
+    assert sink.messages[-1].rcpt_tos == ["postmaster"]
+    reader, writer = await _open(app.port, source="127.0.0.2")
+    await _reply(reader)
+    await _cmd(reader, writer, b"EHLO outsider.test\r\n")
+    await _cmd(reader, writer, b"MAIL FROM:<news@corp.example>\r\n")
+    assert (await _cmd(reader, writer, b"RCPT TO:<postmaster>\r\n")).startswith(b"554 5.7.1")
+    writer.close()
+    assert len(sink.messages) == 1
+
+
+def test_received_field_names_the_protocol_and_keeps_client_text_out() -> None:
+    from bccguard.smtp.server import received_field
+
+    for proto in ("SMTP", "ESMTP", "ESMTPS", "ESMTPSA"):
+        f = received_field(
+            helo="mx.example", ip="::1", hostname="relay.test", protocol=proto, ident="a-1.1", when=0
+        )
+        assert (
+            f
+            == (
+                f"Received: from mx.example ([IPv6:::1])\r\n\tby relay.test (bccguard) with {proto} id a-1.1;"
+                "\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+            ).encode()
+        )
+    hostile = received_field(
+        helo="x (y) <a@b>; \udcff\x01", ip="192.0.2.1", hostname="h", protocol="ESMTP", ident="i", when=0
+    )
+    assert hostile.startswith(b"Received: from x__y___a_b_____ ([192.0.2.1])") and b"@" not in hostile

@@ -14,7 +14,7 @@ from bccguard.app import App
 from bccguard.policy.addresses import visible_recipients
 from bccguard.policy.headers import parse_header
 from conftest import StartRelay, data_reply, message, send, talk
-from sink import Received, Sink
+from sink import Received, Sink, without_trace
 
 
 def delivered(sink: Sink) -> list[Received]:
@@ -51,7 +51,7 @@ async def test_survey_to_300_customers_is_delivered_with_no_customer_in_headers(
 async def test_ordinary_mail_passes_byte_for_byte(relay: App, sink: Sink) -> None:
     data = message(["alice@corp.example", "Bob <bob@gmail.com>"], cc=["carol@agency.example"])
     await send(relay.port, "news@corp.example", ["alice@corp.example", "bob@gmail.com"], data)
-    assert sink.messages[0].data == data
+    assert sink.messages[0].original == data
 
 
 async def test_upstream_down_gives_451_and_nothing_claimed(start_relay: StartRelay, sink: Sink) -> None:
@@ -187,7 +187,7 @@ async def test_pipelined_commands_after_data_are_not_lost(relay: App, sink: Sink
     assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"250")
     writer.close()
     assert [m.rcpt_tos for m in sink.messages] == [["b@corp.example"], ["c@corp.example"]]
-    assert sink.messages[0].data == body
+    assert sink.messages[0].original == body
 
 
 async def test_quarantine_holds_the_original_durably(start_relay: StartRelay, sink: Sink) -> None:
@@ -198,7 +198,7 @@ async def test_quarantine_holds_the_original_durably(start_relay: StartRelay, si
     assert delivered(sink) == []
     q = app.runtime.quarantine
     (entry_id,) = q.ids()
-    assert q.message(entry_id) == data
+    assert without_trace(q.message(entry_id)) == data  # as received, after our trace field
     meta = json.loads((q.path / f"{entry_id}.json").read_text())
     assert meta["rcpt_tos"] == CUSTOMERS[:20] and meta["verdict"]["action"] == "quarantine"
     for suffix in (".eml", ".json"):
