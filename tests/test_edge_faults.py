@@ -447,3 +447,76 @@ def test_received_field_names_the_protocol_and_keeps_client_text_out() -> None:
         helo="x (y) <a@b>; \udcff\x01", ip="192.0.2.1", hostname="h", protocol="ESMTP", ident="i", when=0
     )
     assert hostile.startswith(b"Received: from x__y___a_b_____ ([192.0.2.1])") and b"@" not in hostile
+
+
+# ------------------------------------------------------------------ item 7: shutdown says 421 before the cut
+
+
+async def test_shutdown_past_its_timeout_says_421_and_abandons_the_upstream(tmp_path: Path) -> None:
+    """Seen: sessions in DATA or waiting on the upstream were closed with no reply at shutdown."""
+    from sink import RawServer
+
+    upstream_read: list[bytes] = []
+    upstream_closed = asyncio.Event()
+
+    async def stalls_at_rcpt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test ESMTP\r\n")
+        while line := await reader.readline():
+            upstream_read.append(line)
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                writer.write(b"250 slow.test\r\n")
+            elif verb == b"MAIL":
+                writer.write(b"250 2.1.0 Ok\r\n")
+            elif verb == b"RCPT":
+                pass  # never answered: the relay waits here, before DATA and its final dot
+            else:
+                writer.write(b"250 2.0.0 Ok\r\n")
+        upstream_closed.set()
+
+    async with RawServer(stalls_at_rcpt) as upstream:
+        port, mport = free_port(), free_port()
+        cfg = _relay_toml(tmp_path, "r", port, mport, shutdown_timeout=1.0)
+        cfg.write_text(
+            cfg.read_text().replace(
+                f'url = "maildir:{tmp_path / "r" / "outbox"}"',
+                f'url = "smtp://127.0.0.1:{upstream.port}"\ntimeout = 60.0',
+            )
+        )
+        relay = RelayProcess(cfg, tmp_path / "relay.log")
+        await relay.astart()
+        try:
+            # A: waiting on the upstream after its final dot
+            ra, wa = await _open(port)
+            await _reply(ra)
+            await _cmd(ra, wa, b"EHLO a.test\r\n")
+            await _cmd(ra, wa, b"MAIL FROM:<news@corp.example>\r\n")
+            await _cmd(ra, wa, b"RCPT TO:<colleague@corp.example>\r\n")
+            await _cmd(ra, wa, b"DATA\r\n")
+            wa.write(message(["colleague@corp.example"]) + b".\r\n")
+            await poll(lambda: any(line.startswith(b"RCPT") for line in upstream_read), "upstream RCPT", 10)
+            # B: in the middle of its DATA
+            rb, wb = await _open(port)
+            await _reply(rb)
+            await _cmd(rb, wb, b"EHLO b.test\r\n")
+            await _cmd(rb, wb, b"MAIL FROM:<news@corp.example>\r\n")
+            await _cmd(rb, wb, b"RCPT TO:<colleague@corp.example>\r\n")
+            await _cmd(rb, wb, b"DATA\r\n")
+            wb.write(b"Subject: half\r\n\r\nstill typing")
+            await wb.drain()
+            relay.signal(15)
+            for reader in (ra, rb):
+                assert (
+                    await _read_to_eof(reader, 20) == b"421 4.3.2 Service shutting down, try again later\r\n"
+                )
+            wa.close()
+            wb.close()
+            assert await asyncio.to_thread(relay.wait_exit, 20) == 0
+            await asyncio.wait_for(upstream_closed.wait(), 10)  # the transaction was abandoned
+        finally:
+            await relay.astop()
+    assert not any(line.startswith(b"DATA") for line in upstream_read)
+    assert b".\r\n" not in upstream_read  # no final dot ever reached the upstream
+    assert relay.events("shutdown_cut")[0]["sessions"] == 2
+    assert relay.events("stopped")[0]["drained"] is False
+    _assert_log_private(relay)

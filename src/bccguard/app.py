@@ -217,9 +217,14 @@ class App:
         deadline = time.monotonic() + timeout
         while any(s.busy for s in self.sessions) and time.monotonic() < deadline and not self._force.is_set():  # noqa: ASYNC110 - a few flags, bounded by shutdown_timeout
             await asyncio.sleep(0.05)
-        for s in list(self.sessions):
-            if s.transport is not None:
-                s.transport.close()
+        # Still in DATA or waiting on the upstream: 421 4.3.2 before the close,
+        # and the upstream transaction abandoned (see RelaySMTP.cut_for_shutdown).
+        deliveries = [s.delivery for s in self.sessions if s.delivery is not None]
+        cut = sum(s.cut_for_shutdown() for s in list(self.sessions))
+        if deliveries:  # let the cancelled deliveries drop their upstream connections
+            await asyncio.wait(deliveries, timeout=2.0)
+        if cut:
+            self.log.warning("shutdown_cut", sessions=cut, note="421 4.3.2 sent; clients retry")
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -233,7 +238,8 @@ class App:
             await old.upstream.close()
         self._retired.clear()
         await self.runtime.upstream.close()
-        self.log.info("stopped", drained=not any(s.busy for s in self.sessions))
+        worker = self.worker.index if self.worker is not None else None
+        self.log.info("stopped", drained=not cut, worker=worker)
 
     # ------------------------------------------------------------ reload
     async def reload(self) -> bool:

@@ -242,6 +242,7 @@ class RelaySMTP(SMTP):
         self._quit = False
         self._data_deadline: float | None = None  # loop time; see _read_data
         self._messages = 0  # DATA transactions so far: the Received id's suffix
+        self.delivery: asyncio.Future[Any] | None = None  # the message's upstream delivery, while it runs
 
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)
@@ -363,6 +364,27 @@ class RelaySMTP(SMTP):
             await self.push("421 4.3.2 Service shutting down, try again later")
         if self.transport is not None:
             self.transport.close()
+
+    def cut_for_shutdown(self) -> bool:
+        """`shutdown_timeout` expired with this session in DATA or waiting on the upstream.
+
+        The client hears `421 4.3.2` before the close instead of a silent cut
+        (it got no 250, so it retries), and the upstream delivery is
+        cancelled: before its final dot that abandons the transaction (the
+        pooled connection is dropped, not reused); after it, the upstream may
+        still deliver, and the client's retry is a duplicate, never a loss.
+        True if the session was busy and has been cut.
+        """
+        if self.transport is None or self.transport.is_closing():
+            return False
+        busy = self.busy
+        if self.delivery is not None and not self.delivery.done():
+            self.delivery.cancel()
+        if busy:
+            self._runtime_ref().metrics.reply(421)
+            self._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+        self.transport.close()
+        return busy
 
     async def push(self, status: Any) -> None:
         text = status if isinstance(status, str) else bytes(status).decode("utf-8", "replace")
@@ -1061,7 +1083,12 @@ class RelayHandler:
         )
         # Shielded: a client that hangs up after its final dot must not cut
         # an upstream transaction in half. It got no 250, so it retries.
-        return await asyncio.shield(task)
+        # Only a shutdown past its timeout cancels it (cut_for_shutdown).
+        server.delivery = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            server.delivery = None
 
     async def handle_exception(self, error: Exception) -> str:
         runtime = self._runtime_ref()
