@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import smtplib
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -519,4 +520,84 @@ async def test_shutdown_past_its_timeout_says_421_and_abandons_the_upstream(tmp_
     assert b".\r\n" not in upstream_read  # no final dot ever reached the upstream
     assert relay.events("shutdown_cut")[0]["sessions"] == 2
     assert relay.events("stopped")[0]["drained"] is False
+    _assert_log_private(relay)
+
+
+# ------------------------------------------------------------------ item 8: stress
+
+
+async def test_a_real_client_is_served_while_500_slow_sessions_hold_the_slots(tmp_path: Path) -> None:
+    """Seen: 500 slow connections from 10 addresses filled max_sessions for as long as they trickled.
+
+    500 attackers from 127.0.0.10-19 (50 each, the per-address limit) against
+    max_sessions = 400: every slot taken, 100 more knocking. Half idle after
+    the greeting, half trickling a command one byte at a time; each comes
+    back 0.2 s after being cut or refused, as a real attacker would.
+    """
+    port, mport = free_port(), free_port()
+    relay = RelayProcess(
+        _relay_toml(
+            tmp_path, "r", port, mport, max_sessions=400, max_sessions_per_ip=50,
+            command_timeout=300.0, stress_timeout=2.0,
+        ),
+        tmp_path / "relay.log",
+    )  # fmt: skip
+    await relay.astart()
+    stop = asyncio.Event()
+    cut = 0
+
+    async def attacker(source: str, trickle: bool) -> None:
+        nonlocal cut
+        while not stop.is_set():
+            try:
+                reader, writer = await _open(port, source=source)
+            except (TimeoutError, OSError):
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                while not stop.is_set():
+                    if trickle:
+                        writer.write(b"N")
+                    try:
+                        chunk = await asyncio.wait_for(reader.read(1024), 0.5)
+                    except TimeoutError:
+                        continue  # still open, still holding its slot
+                    if not chunk or b"421 4.4.2" in chunk:
+                        cut += 1
+                        break
+            except OSError:
+                pass
+            finally:
+                writer.close()
+            await asyncio.sleep(0.2)
+
+    attackers = [
+        asyncio.create_task(attacker(f"127.0.0.{10 + i % 10}", trickle=i % 2 == 1)) for i in range(500)
+    ]
+    try:
+        metrics = f"http://127.0.0.1:{mport}/metrics"
+        # every slot taken: before the change, none would free for command_timeout (300 s)
+        await poll(lambda: _metric(metrics, "bccguard_smtp_sessions_active") == 400, "every slot taken", 60)
+
+        def legitimate() -> tuple[int, bytes]:
+            deadline = time.monotonic() + 60  # a deadline, not a timing assertion
+            while time.monotonic() < deadline:  # an MTA retries a 421 greeting
+                try:
+                    return _send_plain(port)
+                except (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected):
+                    time.sleep(0.1)
+            raise AssertionError("the legitimate client was never served")
+
+        code, _ = await asyncio.to_thread(legitimate)
+        assert code == 250
+        # the attack goes on (the slots refill), and the relay keeps serving beside it
+        await poll(lambda: _metric(metrics, "bccguard_smtp_sessions_active") > 300, "the attack on", 20)
+        assert (await asyncio.to_thread(legitimate))[0] == 250
+        assert _delivered(tmp_path, "r") == 2
+        assert cut > 0
+    finally:
+        stop.set()
+        await asyncio.gather(*attackers, return_exceptions=True)
+        await relay.astop()
+    assert relay.events("stress_on")
     _assert_log_private(relay)

@@ -91,6 +91,12 @@ def _positive(v: int | float) -> int | float:
     return v
 
 
+def _fraction(v: float) -> float:
+    if not 0 < v <= 1:
+        raise ValueError(f"{v} is not in (0, 1]")
+    return v
+
+
 def _non_negative(v: int) -> int:
     if v < 0:
         raise ValueError(f"{v} is negative")
@@ -223,6 +229,13 @@ class ServerConfig:
     command_timeout: float = field(default=300.0, metadata=_check(_positive, "seconds, e.g. 300"))
     data_timeout: float = field(default=600.0, metadata=_check(_positive, "seconds, e.g. 600"))
     max_bad_commands: int = field(default=20, metadata=_check(_positive, "e.g. 20"))
+    # Postfix-style stress: past this fraction of max_sessions, command and idle
+    # timeouts (and the DATA budget) shrink to stress_timeout, so idle and
+    # trickling sessions are cut first and real clients find a free slot.
+    stress_threshold: float = field(
+        default=0.8, metadata=_check(_fraction, "a fraction of max_sessions, e.g. 0.8 (1.0: never)")
+    )
+    stress_timeout: float = field(default=10.0, metadata=_check(_positive, "seconds, e.g. 10 (Postfix)"))
     # Postfix's smtpd_min_data_rate: each byte received during DATA buys
     # 1/min_data_rate more seconds, so big uploads at a sane rate never time
     # out while a trickle is cut about data_timeout after DATA began.

@@ -80,6 +80,10 @@ class SessionGate:
         # Per-client log lines a remote host can provoke at will (failed TLS
         # handshakes, PROXY from an untrusted host): one a minute per address.
         self.noise = OncePer()
+        # Under stress (see RelaySMTP._check_stress) the shrunken timeout, else None.
+        self.stress_timeout: float | None = None
+        self.stress_high = 0.0  # sessions above which stress began
+        self.stress_swept = -1e9  # loop time of the last sweep of open sessions
 
     def admit(self, ip: str | None, max_total: int, max_per_ip: int) -> str | None:
         """Admit one session (and, unless `ip` is None, its per-IP share); a 421 line if refused."""
@@ -280,7 +284,51 @@ class RelaySMTP(SMTP):
         self.session_id = runtime.new_session_id()
         self._sessions.add(self)
         runtime.metrics.session_opened()
+        high = server.max_sessions * server.stress_threshold
+        if self._gate.total > high and server.stress_threshold < 1.0:
+            self._enter_stress(high, server.stress_timeout)
         super().connection_made(transport)
+
+    def _enter_stress(self, high: float, timeout: float) -> None:
+        """Postfix-style stress: past the high-water mark of max_sessions, every
+        session's command/idle timer shrinks to `stress_timeout`.
+
+        Why: slow clients from many addresses (each under max_sessions_per_ip)
+        filled every slot and held it for command_timeout (300 s), refusing
+        real clients meanwhile. Under stress an idle or trickling session is
+        cut within seconds; a real client answers within milliseconds and is
+        not affected. Open sessions are swept once on entry (at most once a
+        second, so a count hovering at the mark costs little); new timers
+        pick the short value up in _reset_timeout. Sessions waiting on the
+        upstream keep their long timer. Ends at 90% of the mark.
+        """
+        gate = self._gate
+        entering = gate.stress_timeout is None
+        gate.stress_timeout = timeout
+        gate.stress_high = high
+        now = self.loop.time()
+        if now - gate.stress_swept < 1.0:
+            return
+        gate.stress_swept = now
+        if entering:
+            self._runtime_ref().log.warning(
+                "stress_on", sessions=gate.total, mark=int(high), timeout=timeout
+            )
+        for other in list(self._sessions):
+            other._stress_rearm(now, timeout)
+
+    def _stress_rearm(self, now: float, timeout: float) -> None:
+        if self.transport is None or self.delivery is not None:
+            return  # gone, or waiting on the upstream: its timer covers the delivery
+        if self._data_deadline is not None:  # in DATA: the budget from now, bytes still earn time
+            self._data_deadline = min(self._data_deadline, now + timeout)
+        self._reset_timeout(timeout)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's timer; under stress the default duration is the short one."""
+        if duration is None:
+            duration = self._gate.stress_timeout
+        super()._reset_timeout(duration)
 
     def _proxy_peer_trusted(self, transport: asyncio.BaseTransport) -> bool:
         """Only `proxy_trusted_networks` may send a PROXY header; anyone else is closed unanswered.
@@ -313,7 +361,13 @@ class RelaySMTP(SMTP):
             return
         if self._admitted:
             self._admitted = False
-            self._gate.release(self._admitted_ip)
+            gate = self._gate
+            gate.release(self._admitted_ip)
+            # Hysteresis (off at 90% of the mark): a count hovering at the mark
+            # does not flip stress on and off with every connection.
+            if gate.stress_timeout is not None and gate.total <= gate.stress_high * 0.9:
+                gate.stress_timeout = None
+                self._runtime_ref().log.info("stress_off", sessions=gate.total)
             self._admitted_ip = None
             self._sessions.discard(self)
             self._runtime_ref().metrics.session_closed()
@@ -752,9 +806,9 @@ class RelaySMTP(SMTP):
         self.busy = True
         try:
             await self._reply_fast(b"354 End data with <CR><LF>.<CR><LF>\r\n", 354)
-            content, problem = await self._read_data(
-                server.max_message_size, server.data_timeout, server.min_data_rate
-            )
+            stress = self._gate.stress_timeout
+            budget = server.data_timeout if stress is None else min(stress, server.data_timeout)
+            content, problem = await self._read_data(server.max_message_size, budget, server.min_data_rate)
             if content is None:
                 return  # connection gone: nothing was accepted, the client retries
             if problem is None:
