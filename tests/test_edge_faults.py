@@ -601,3 +601,54 @@ async def test_a_real_client_is_served_while_500_slow_sessions_hold_the_slots(tm
         await relay.astop()
     assert relay.events("stress_on")
     _assert_log_private(relay)
+
+
+# ------------------------------------------------------------------ item 9: one relay per port and directory
+
+
+@pytest.mark.parametrize("workers", [2, 1], ids=["supervisor", "single"])
+async def test_a_second_instance_is_refused_and_takes_no_mail(tmp_path: Path, workers: int) -> None:
+    """Seen: a second `bccguard serve` joined the first's SO_REUSEPORT port and took 4 of 10 mails."""
+    from proc import run_cli
+
+    port, mport = free_port(), free_port()
+    first = RelayProcess(_relay_toml(tmp_path, "a", port, mport, workers=2), tmp_path / "a.log")
+    await first.astart()
+    try:
+        a_pid = first.proc.pid  # type: ignore[union-attr]
+        own_port, own_mport = free_port(), free_port()
+        a_dirs = {"spool": str(tmp_path / "a" / "spool"), "quarantine": str(tmp_path / "a" / "quarantine")}
+        spool, quarantine = a_dirs["spool"], a_dirs["quarantine"]
+        in_use = f"is in use by another bccguard (pid {a_pid}"
+        cases = {
+            "listen": (port, own_mport, {}, f"server.listen 127.0.0.1:{port} is in use by pid "),
+            "metrics": (own_port, mport, {}, f"metrics.listen 127.0.0.1:{mport} is in use by pid "),
+            "spool": (own_port, own_mport, {"spool": spool}, f"spool.path {spool} {in_use}"),
+            "quarantine": (
+                own_port,
+                own_mport,
+                {"quarantine": quarantine},
+                f"quarantine.path {quarantine} {in_use}",
+            ),
+        }
+        for name, (b_port, b_mport, same_dirs, expected) in cases.items():
+            cfg = _relay_toml(tmp_path, f"b-{name}", b_port, b_mport, workers=workers)
+            text = cfg.read_text()
+            for key, path in same_dirs.items():
+                text = text.replace(str(tmp_path / f"b-{name}" / key), path)
+            cfg.write_text(text)
+            rc, _, err = await run_cli("serve", "--config", str(cfg), within=60)
+            last = err.strip().splitlines()[-1]
+            assert rc == 1 and last.startswith("bccguard: cannot start: " + expected), (name, err)
+            assert "Traceback" not in err and "(fix: " in last
+            assert _delivered(tmp_path, f"b-{name}") == 0
+        # every message still goes to the first relay
+        for _ in range(10):
+            assert (await asyncio.to_thread(_send_plain, port))[0] == 250
+        assert _delivered(tmp_path, "a") == 10
+    finally:
+        await first.astop()
+    # once it is gone, a relay with the same settings starts
+    again = RelayProcess(_relay_toml(tmp_path, "a", port, mport, workers=workers), tmp_path / "a2.log")
+    await again.astart()
+    await again.astop()

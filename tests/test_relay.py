@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import smtplib
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -274,7 +276,7 @@ async def test_proxy_protocol_client_address_decides_relaying(start_relay: Start
         writer.close()
 
 
-async def test_readiness_follows_the_upstream(start_relay: StartRelay, sink: Sink) -> None:
+async def test_readiness_follows_the_upstream(start_relay: StartRelay, sink: Sink, tmp_path: Path) -> None:
     app = await start_relay(f"smtp://127.0.0.1:{sink.port}")
     deadline = asyncio.get_running_loop().time() + 10
     while not app.readiness()[0] and asyncio.get_running_loop().time() < deadline:
@@ -282,7 +284,9 @@ async def test_readiness_follows_the_upstream(start_relay: StartRelay, sink: Sin
     assert app.readiness() == (True, "ready")
     port = sink.port
     await sink.stop()
-    down = await start_relay(f"smtp://127.0.0.1:{port}")
+    # a second relay beside the first: its own spool and quarantine (one relay per directory)
+    own = {"quarantine": {"path": str(tmp_path / "2" / "q")}, "spool": {"path": str(tmp_path / "2" / "s")}}
+    down = await start_relay(f"smtp://127.0.0.1:{port}", own)
     await asyncio.sleep(0.2)
     ok, reason = down.readiness()
     assert not ok and "upstream" in reason
@@ -303,7 +307,7 @@ async def test_ehlo_advertises_size_8bitmime_smtputf8_pipelining(relay: App) -> 
 async def test_quarantine_write_failure_is_a_451_not_a_loss(start_relay: StartRelay, sink: Sink) -> None:
     app = await start_relay(f"smtp://127.0.0.1:{sink.port}", {"policy": {"action": "quarantine"}})
     qdir = app.runtime.quarantine.path
-    qdir.rmdir()
+    shutil.rmtree(qdir)  # its .instance.lock included
     qdir.write_text("not a directory")  # the disk said no
     with pytest.raises(smtplib.SMTPDataError) as err:
         await send(app.port, "news@corp.example", CUSTOMERS[:20], message(CUSTOMERS[:20]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ from typing import Any
 from bccguard import __version__
 from bccguard.config import Config, ConfigError, load, parse_hostport
 from bccguard.notify import Notifier
+from bccguard.ops.instance import address_in_use, lock_dir, release
 from bccguard.ops.logs import get_logger
 from bccguard.ops.metrics import Metrics
 from bccguard.relay import Runtime
@@ -83,6 +85,7 @@ class App:
         self._force = asyncio.Event()  # a second SIGTERM: stop draining now
         self._audit_offset = 0
         self.port = 0
+        self._locks: list[int] = []  # spool/quarantine instance locks (single relay only)
 
     def _build_runtime(self, config: Config) -> Runtime:
         if self.worker is not None:
@@ -123,17 +126,34 @@ class App:
 
         if self.worker is not None:
             # The supervisor reserved the port (and resolved ":0"); every worker joins it.
+            # It also holds the instance locks (ops/instance.py) for all of them.
             port = self.worker.port
-        self.server = await loop.create_server(
-            factory, host=host or None, port=port, reuse_port=self.worker is not None
-        )
+        else:
+            self._locks.append(lock_dir(cfg.spool.path, "spool.path"))
+            self._locks.append(lock_dir(cfg.quarantine.path, "quarantine.path"))
+        try:
+            self.server = await loop.create_server(
+                factory, host=host or None, port=port, reuse_port=self.worker is not None
+            )
+        except OSError as exc:
+            release(self._locks)
+            if exc.errno == errno.EADDRINUSE and self.worker is None:
+                raise address_in_use(cfg.server.listen, "server.listen") from None
+            raise
         sock = self.server.sockets[0]
         self.port = sock.getsockname()[1]
         if cfg.metrics.listen and self.worker is None:
             from bccguard.ops.http import OpsServer
 
             self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
-            self.ops.start()
+            try:
+                self.ops.start()
+            except OSError as exc:
+                self.server.close()
+                release(self._locks)
+                if exc.errno == errno.EADDRINUSE:
+                    raise address_in_use(cfg.metrics.listen, "metrics.listen") from None
+                raise
         self.metrics.quarantine_set(*self.runtime.quarantine.depth())
         self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
         if self.worker is None or self.worker.runs_retrier:
@@ -238,6 +258,7 @@ class App:
             await old.upstream.close()
         self._retired.clear()
         await self.runtime.upstream.close()
+        release(self._locks)
         worker = self.worker.index if self.worker is not None else None
         self.log.info("stopped", drained=not cut, worker=worker)
 

@@ -177,6 +177,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from bccguard.ops.instance import InstanceConflict
     from bccguard.ops.logs import configure
     from bccguard.workers import WorkerRole
 
@@ -189,6 +190,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             return Supervisor(cfg, config_path=args.config).run()
         return _serve_one(cfg, args.config, worker)
+    except InstanceConflict as exc:  # another relay (or anything) on our port, metrics or dirs
+        print(f"bccguard: cannot start: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         # Binding is the usual culprit: port taken or privileged.
         print(

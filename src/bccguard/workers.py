@@ -39,6 +39,7 @@ numbers while the kernel spreads connections evenly.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import select
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from bccguard.config import Config, parse_hostport
+from bccguard.ops.instance import address_in_use, lock_dir, probe_listen, release
 
 ENV_WORKER = "BCCGUARD_WORKER"
 READY_TIMEOUT = 60.0  # seconds a worker may take to import, open stores and bind
@@ -163,6 +165,7 @@ class Supervisor:
         self._ops: Any = None
         self._metrics_dir: str | None = None
         self._own_metrics_dir = False
+        self._locks: list[int] = []  # spool and quarantine instance locks, for the workers too
 
     def _default_argv(self) -> list[str]:
         argv = [sys.executable, "-m", "bccguard.cli", "serve"]
@@ -173,12 +176,26 @@ class Supervisor:
     # ------------------------------------------------------------ start
 
     def start(self) -> None:
-        """Reserve the port, set up metrics, start every worker and wait until each listens."""
-        self._sock, _, self.port = reserve_port(self.config.server.listen)
+        """Reserve the port, set up metrics, start every worker and wait until each listens.
+
+        First make sure no other process uses this relay's spool, quarantine,
+        port or metrics address (ops/instance.py): the workers join the port
+        with SO_REUSEPORT, which would otherwise also join another relay's.
+        """
+        cfg = self.config
+        self._locks.append(lock_dir(cfg.spool.path, "spool.path"))
+        self._locks.append(lock_dir(cfg.quarantine.path, "quarantine.path"))
+        probe_listen(cfg.server.listen)
+        self._sock, _, self.port = reserve_port(cfg.server.listen)
         self._setup_metrics_dir()
-        if self.config.metrics.listen:
+        if cfg.metrics.listen:
             # Before the workers: a taken port fails fast, and /healthz answers during start.
-            self._start_ops()
+            try:
+                self._start_ops()
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise address_in_use(cfg.metrics.listen, "metrics.listen") from None
+                raise
         for w in self.workers:
             self._spawn(w)
         deadline = time.monotonic() + READY_TIMEOUT
@@ -373,6 +390,7 @@ class Supervisor:
             self._sock = None
         if self._own_metrics_dir and self._metrics_dir:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        release(self._locks)
         self._log("stopped", workers=self.count, codes=codes)
         return 1 if failed or any(c != 0 for c in codes) else 0
 
