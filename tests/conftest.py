@@ -55,7 +55,12 @@ async def start_relay(tmp_path: Path) -> AsyncIterator[StartRelay]:
     apps: list[App] = []
 
     async def start(upstream_url: str, extra: dict[str, Any] | None = None) -> App:
-        cfg = relay_config(tmp_path, upstream_url, extra)
+        base = tmp_path
+        if any(a._locks for a in apps):
+            # One relay per spool and quarantine (ops/instance.py): a relay started
+            # beside a running one gets its own, unless the test names them.
+            base = tmp_path / f"relay{len(apps)}"
+        cfg = relay_config(base, upstream_url, extra)
         metrics = Metrics(registry=CollectorRegistry(), rules=rule_names(cfg), version="test")
         app = App(cfg, metrics=metrics)
         await app.start()

@@ -34,9 +34,8 @@ from bccguard.store.quarantine import Quarantine
 from bccguard.store.spool import Spool
 from bccguard.systemd import notify
 from bccguard.upstream import open_upstream
-from bccguard.workers import WorkerRole
+from bccguard.workers import READY_UPSTREAM_WINDOW, WorkerRole
 
-READY_UPSTREAM_WINDOW = 60.0
 PROBE_INTERVAL = 15.0
 
 

@@ -59,6 +59,9 @@ from bccguard.config import Config, parse_hostport
 from bccguard.ops.instance import address_in_use, lock_dir, probe_listen, release
 
 ENV_WORKER = "BCCGUARD_WORKER"
+# /readyz: ready only if the upstream was reached this recently (the single
+# relay's App.readiness uses it too; defined here so workers.py needs no app.py).
+READY_UPSTREAM_WINDOW = 60.0
 READY_TIMEOUT = 60.0  # seconds a worker may take to import, open stores and bind
 CRASH_WINDOW = 10.0  # a worker that dies this soon after start counts as a start failure
 MAX_QUICK_CRASHES = 5  # in a row: give up rather than restart in a loop
@@ -284,8 +287,6 @@ class Supervisor:
         for metric in self._registry.collect():
             if metric.name == "bccguard_upstream_last_success_timestamp_seconds":
                 last = max((s.value for s in metric.samples), default=0.0)
-        from bccguard.app import READY_UPSTREAM_WINDOW
-
         if time.time() - last > READY_UPSTREAM_WINDOW:
             return False, "upstream not reachable recently"
         return True, "ready"

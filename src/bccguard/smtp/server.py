@@ -41,11 +41,12 @@ from aiosmtpd.smtp import (
 
 from bccguard.ops.logs import ADDRESS_LIKE, OncePer, address_hash
 from bccguard.smtp.paths import parse_path, path_problem, raw_path_with_controls, split_path
+from bccguard.smtp.peers import peer_ip
 from bccguard.smtp.protocol_init import init_smtp
 
 if TYPE_CHECKING:
     from bccguard.config import ServerConfig
-    from bccguard.relay import Runtime
+    from bccguard.smtp.edge import EdgeRuntime as Runtime  # never the relay's orchestration
 
 TERMINATOR = b"\r\n.\r\n"
 MAIL_OK = "250 2.1.0 Ok"
@@ -122,12 +123,6 @@ class RelaySession(Session):
         self.auth_failures = 0
         self.bad_commands = 0
         self.junk_commands = 0  # NOOP/RSET/VRFY/EXPN/HELP since the last delivered message
-
-
-def peer_ip(peer: Any) -> str:
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return str(peer or "")
 
 
 def client_allowed(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
