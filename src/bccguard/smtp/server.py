@@ -380,7 +380,8 @@ class RelaySMTP(SMTP):
         not answered 250, so its client retries; an upstream delivery already
         under way is shielded and finishes (at worst a duplicate, never a loss).
         """
-        super().eof_received()
+        if not self._refused:  # a refused connection never started aiosmtpd's session
+            super().eof_received()
         return False
 
     def _timeout_cb(self) -> None:
