@@ -652,3 +652,29 @@ async def test_a_second_instance_is_refused_and_takes_no_mail(tmp_path: Path, wo
     again = RelayProcess(_relay_toml(tmp_path, "a", port, mport, workers=workers), tmp_path / "a2.log")
     await again.astart()
     await again.astop()
+
+
+async def test_the_trace_field_leaves_dkim_signatures_intact(start_relay: StartRelay, sink: Sink) -> None:
+    """The Received field goes on top, unsigned; the signature check and the signed bytes are unchanged.
+
+    A verifier takes the bottom-most instance of each signed header, so one
+    more Received on top changes nothing it hashes. (A signer that lists
+    Received in h= with none present asserts its absence: every hop breaks
+    that, as RFC 5321 4.4 makes every relay add one; signers do not do it.)
+    """
+    app = await start_relay(sink.url, {"policy": {"on_signed": "reject"}})
+
+    def signed(to: str) -> bytes:
+        return (
+            "DKIM-Signature: v=1; a=rsa-sha256; d=corp.example; s=s1;\r\n"
+            "\th=from:to:subject; bh=abc=;\r\n b=def=\r\n"
+            f"From: news@corp.example\r\nTo: {to}\r\nSubject: survey\r\n\r\nbody\r\n"
+        ).encode()
+
+    internal = signed("colleague@corp.example")
+    assert await send(app.port, "news@corp.example", ["colleague@corp.example"], internal) == {}
+    assert sink.messages[-1].original == internal  # the signed bytes, untouched below our field
+    customers = [f"c{i}@gmail.com" for i in range(5)]
+    with pytest.raises(smtplib.SMTPDataError) as err:  # still seen as signed: on_signed applies
+        await send(app.port, "news@corp.example", customers, signed(", ".join(customers)))
+    assert err.value.smtp_code == 550 and len(sink.messages) == 1
