@@ -55,7 +55,12 @@ async def start_relay(tmp_path: Path) -> AsyncIterator[StartRelay]:
     apps: list[App] = []
 
     async def start(upstream_url: str, extra: dict[str, Any] | None = None) -> App:
-        cfg = relay_config(tmp_path, upstream_url, extra)
+        base = tmp_path
+        if any(a._locks for a in apps):
+            # One relay per spool and quarantine (ops/instance.py): a relay started
+            # beside a running one gets its own, unless the test names them.
+            base = tmp_path / f"relay{len(apps)}"
+        cfg = relay_config(base, upstream_url, extra)
         metrics = Metrics(registry=CollectorRegistry(), rules=rule_names(cfg), version="test")
         app = App(cfg, metrics=metrics)
         await app.start()
@@ -85,6 +90,12 @@ async def send(
     return await asyncio.to_thread(_send, port, mail_from, rcpts, data, source)
 
 
+def fold(line: str) -> str:
+    """An address header as a mail client writes it: one line, folded after each comma
+    only when it would pass 998 octets (RFC 5322 2.1.1; longer lines get 554 5.6.0)."""
+    return line if len(line) <= 998 else line.replace(", ", ",\r\n ")
+
+
 def message(
     to: list[str],
     *,
@@ -94,9 +105,9 @@ def message(
     extra: str = "",
     body: str = "Hello,\r\nplease answer our survey.\r\n",
 ) -> bytes:
-    head = [f"From: {sender}", f"To: {', '.join(to)}"]
+    head = [f"From: {sender}", fold(f"To: {', '.join(to)}")]
     if cc:
-        head.append(f"Cc: {', '.join(cc)}")
+        head.append(fold(f"Cc: {', '.join(cc)}"))
     head += [f"Subject: {subject}", "Message-ID: <survey-1@corp.example>", "MIME-Version: 1.0"]
     if extra:
         head.append(extra)

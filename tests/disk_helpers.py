@@ -42,11 +42,23 @@ class SmallDisk:
             probe.unlink(missing_ok=True)
 
     def read_only(self) -> None:
-        _mount("-o", "remount,ro", "tmpfs", str(self.path))
+        """Every later open for writing under the path meets EROFS.
+
+        A read-only bind mount over the tmpfs, not a remount of the tmpfs
+        itself: the relay holds its instance lock open for writing there
+        (ops/instance.py), and the kernel refuses to remount a filesystem
+        read-only under an open writer (EBUSY), as it would on a real disk.
+        The lock stays on the mount below; new opens go through the top one.
+        """
+        _mount("--bind", str(self.path), str(self.path))
+        _mount("-o", "remount,bind,ro", str(self.path))
+        self._bound = True
 
     def heal(self) -> None:
         """Writable again, with room."""
-        _mount("-o", "remount,rw", "tmpfs", str(self.path))
+        if getattr(self, "_bound", False):
+            subprocess.run(["umount", str(self.path)], capture_output=True, check=True)
+            self._bound = False
         self._filler.unlink(missing_ok=True)
 
 
@@ -72,7 +84,9 @@ def mounted_small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
     try:
         yield SmallDisk(mnt)
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        for _ in range(3):  # the read-only bind, if any, then the tmpfs itself
+            if subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False).returncode:
+                break
 
 
 def assert_no_address(logs: list[dict[str, Any]]) -> None:

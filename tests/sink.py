@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,26 @@ class Received:
     connection: int  # index into Sink.reads: which connection carried it
     reply: str  # what the sink answered
     tls: bool  # the transaction ran over TLS (STARTTLS or implicit)
+
+    @property
+    def original(self) -> bytes:
+        """`data` without the relay's own trace field: the bytes its client sent, as the
+        relay passes them on. Fails the test if the trace field (RFC 5321 4.4) is missing."""
+        return without_trace(self.data)
+
+
+TRACE_FIELD = re.compile(
+    rb"Received: from [!-~]+ \(\[[0-9A-Fa-f.:IPv]+\]\)\r\n\tby [!-~]+ \(bccguard\) "
+    rb"with E?SMTPS?A? id [!-~]+;\r\n\t[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d \+0000\r\n"
+)
+
+
+def without_trace(data: bytes) -> bytes:
+    """`data` minus one leading bccguard `Received:` field, which must be there."""
+    m = TRACE_FIELD.match(data)
+    assert m is not None, f"no bccguard Received field first: {data[:200]!r}"
+    assert b"@" not in m.group(0), "an address in the Received field"
+    return data[m.end() :]
 
 
 @dataclass

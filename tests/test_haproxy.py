@@ -205,6 +205,7 @@ def relay_config(tmp_path: Path, name: str, port: int, upstream: str) -> Path:
                     "listen": f"127.0.0.1:{port}",
                     "hostname": f"relay-{name}.test",
                     "proxy_protocol": True,
+                    "proxy_trusted_networks": [f"{PROXY_SOURCE}/32"],  # HAProxy connects from here
                     "allowed_networks": [f"{CLIENT_IP}/32"],
                     "shutdown_timeout": 10.0,
                     "workers": 1,  # one process per relay: its one "stopped" line tells the drain

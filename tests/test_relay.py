@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import smtplib
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +16,7 @@ from bccguard.app import App
 from bccguard.policy.addresses import visible_recipients
 from bccguard.policy.headers import parse_header
 from conftest import StartRelay, data_reply, message, send, talk
-from sink import Received, Sink
+from sink import Received, Sink, without_trace
 
 
 def delivered(sink: Sink) -> list[Received]:
@@ -51,7 +53,7 @@ async def test_survey_to_300_customers_is_delivered_with_no_customer_in_headers(
 async def test_ordinary_mail_passes_byte_for_byte(relay: App, sink: Sink) -> None:
     data = message(["alice@corp.example", "Bob <bob@gmail.com>"], cc=["carol@agency.example"])
     await send(relay.port, "news@corp.example", ["alice@corp.example", "bob@gmail.com"], data)
-    assert sink.messages[0].data == data
+    assert sink.messages[0].original == data
 
 
 async def test_upstream_down_gives_451_and_nothing_claimed(start_relay: StartRelay, sink: Sink) -> None:
@@ -187,7 +189,7 @@ async def test_pipelined_commands_after_data_are_not_lost(relay: App, sink: Sink
     assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"250")
     writer.close()
     assert [m.rcpt_tos for m in sink.messages] == [["b@corp.example"], ["c@corp.example"]]
-    assert sink.messages[0].data == body
+    assert sink.messages[0].original == body
 
 
 async def test_quarantine_holds_the_original_durably(start_relay: StartRelay, sink: Sink) -> None:
@@ -198,7 +200,7 @@ async def test_quarantine_holds_the_original_durably(start_relay: StartRelay, si
     assert delivered(sink) == []
     q = app.runtime.quarantine
     (entry_id,) = q.ids()
-    assert q.message(entry_id) == data
+    assert without_trace(q.message(entry_id)) == data  # as received, after our trace field
     meta = json.loads((q.path / f"{entry_id}.json").read_text())
     assert meta["rcpt_tos"] == CUSTOMERS[:20] and meta["verdict"]["action"] == "quarantine"
     for suffix in (".eml", ".json"):
@@ -256,7 +258,13 @@ async def test_proxy_protocol_client_address_decides_relaying(start_relay: Start
     """Behind HAProxy the TCP peer is the proxy; the PROXY header's source is the client."""
     app = await start_relay(
         f"smtp://127.0.0.1:{sink.port}",
-        {"server": {"proxy_protocol": True, "allowed_networks": ["192.0.2.0/24"]}},
+        {
+            "server": {
+                "proxy_protocol": True,
+                "proxy_trusted_networks": ["127.0.0.1/32"],
+                "allowed_networks": ["192.0.2.0/24"],
+            }
+        },
     )
     for src, expected in (("192.0.2.10", b"250"), ("198.51.100.7", b"554")):
         reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
@@ -268,7 +276,7 @@ async def test_proxy_protocol_client_address_decides_relaying(start_relay: Start
         writer.close()
 
 
-async def test_readiness_follows_the_upstream(start_relay: StartRelay, sink: Sink) -> None:
+async def test_readiness_follows_the_upstream(start_relay: StartRelay, sink: Sink, tmp_path: Path) -> None:
     app = await start_relay(f"smtp://127.0.0.1:{sink.port}")
     deadline = asyncio.get_running_loop().time() + 10
     while not app.readiness()[0] and asyncio.get_running_loop().time() < deadline:
@@ -276,7 +284,9 @@ async def test_readiness_follows_the_upstream(start_relay: StartRelay, sink: Sin
     assert app.readiness() == (True, "ready")
     port = sink.port
     await sink.stop()
-    down = await start_relay(f"smtp://127.0.0.1:{port}")
+    # a second relay beside the first: its own spool and quarantine (one relay per directory)
+    own = {"quarantine": {"path": str(tmp_path / "2" / "q")}, "spool": {"path": str(tmp_path / "2" / "s")}}
+    down = await start_relay(f"smtp://127.0.0.1:{port}", own)
     await asyncio.sleep(0.2)
     ok, reason = down.readiness()
     assert not ok and "upstream" in reason
@@ -297,7 +307,7 @@ async def test_ehlo_advertises_size_8bitmime_smtputf8_pipelining(relay: App) -> 
 async def test_quarantine_write_failure_is_a_451_not_a_loss(start_relay: StartRelay, sink: Sink) -> None:
     app = await start_relay(f"smtp://127.0.0.1:{sink.port}", {"policy": {"action": "quarantine"}})
     qdir = app.runtime.quarantine.path
-    qdir.rmdir()
+    shutil.rmtree(qdir)  # its .instance.lock included
     qdir.write_text("not a directory")  # the disk said no
     with pytest.raises(smtplib.SMTPDataError) as err:
         await send(app.port, "news@corp.example", CUSTOMERS[:20], message(CUSTOMERS[:20]))

@@ -144,7 +144,7 @@ async def test_outsider_relays_only_after_auth_over_tls(
     )
     assert refused == {}
     assert [m.rcpt_tos for m in sink.messages] == [["alice@corp.example"]]
-    assert sink.messages[0].data == data
+    assert sink.messages[0].original == data
 
 
 async def test_policy_rules_match_the_authenticated_user(
@@ -384,7 +384,7 @@ async def test_upstream_certificate_is_verified_by_default(start_relay: StartRel
 
     trusting = await start_relay(sink.url, {"upstream": {"ca_file": str(cert)}})
     assert await send(trusting.port, "a@corp.example", ["b@corp.example"], data) == {}
-    assert [m.data for m in sink.messages] == [data]
+    assert [m.original for m in sink.messages] == [data]
 
     opted_out = await start_relay(sink.url, {"upstream": {"verify_tls": False}})
     assert await send(opted_out.port, "a@corp.example", ["b@corp.example"], data) == {}

@@ -21,6 +21,7 @@ from typing import Any
 from bccguard import __version__
 from bccguard.config import Config, ConfigError, load, parse_hostport
 from bccguard.notify import Notifier
+from bccguard.ops.instance import lock_dir, release
 from bccguard.ops.logs import get_logger
 from bccguard.ops.metrics import Metrics
 from bccguard.ops.readiness import outbox_path, read_state, upstream_readiness
@@ -87,6 +88,7 @@ class App:
         self._audit_offset = 0
         self.port = 0
         self._bound_listen = config.server.listen  # what start() binds; a reload cannot move it
+        self._locks: list[int] = []  # spool/quarantine instance locks (single relay only)
 
     def _build_runtime(self, config: Config) -> Runtime:
         if self.worker is not None:
@@ -127,19 +129,32 @@ class App:
 
         if self.worker is not None:
             # The supervisor reserved the port (and resolved ":0"); every worker joins it.
+            # It also holds the instance locks (ops/instance.py) for all of them.
             port = self.worker.port
-        with binding("server.listen", cfg.server.listen):
-            self.server = await loop.create_server(
-                factory, host=host or None, port=port, reuse_port=self.worker is not None
-            )
+        else:
+            self._locks.append(lock_dir(cfg.spool.path, "spool.path"))
+            self._locks.append(lock_dir(cfg.quarantine.path, "quarantine.path"))
+        try:
+            with binding("server.listen", cfg.server.listen):
+                self.server = await loop.create_server(
+                    factory, host=host or None, port=port, reuse_port=self.worker is not None
+                )
+        except BaseException:
+            release(self._locks)
+            raise
         sock = self.server.sockets[0]
         self.port = sock.getsockname()[1]
         if cfg.metrics.listen and self.worker is None:
             from bccguard.ops.http import OpsServer
 
             self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
-            with binding("metrics.listen", cfg.metrics.listen):
-                self.ops.start()
+            try:
+                with binding("metrics.listen", cfg.metrics.listen):
+                    self.ops.start()
+            except BaseException:
+                self.server.close()
+                release(self._locks)
+                raise
         self.metrics.quarantine_set(*self.runtime.quarantine.depth())
         self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
         if self.worker is None or self.worker.runs_retrier:
@@ -215,9 +230,14 @@ class App:
         deadline = time.monotonic() + timeout
         while any(s.busy for s in self.sessions) and time.monotonic() < deadline and not self._force.is_set():  # noqa: ASYNC110 - a few flags, bounded by shutdown_timeout
             await asyncio.sleep(0.05)
-        for s in list(self.sessions):
-            if s.transport is not None:
-                s.transport.close()
+        # Still in DATA or waiting on the upstream: 421 4.3.2 before the close,
+        # and the upstream transaction abandoned (see RelaySMTP.cut_for_shutdown).
+        deliveries = [s.delivery for s in self.sessions if s.delivery is not None]
+        cut = sum(s.cut_for_shutdown() for s in list(self.sessions))
+        if deliveries:  # let the cancelled deliveries drop their upstream connections
+            await asyncio.wait(deliveries, timeout=2.0)
+        if cut:
+            self.log.warning("shutdown_cut", sessions=cut, note="421 4.3.2 sent; clients retry")
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -231,7 +251,9 @@ class App:
             await old.upstream.close()
         self._retired.clear()
         await self.runtime.upstream.close()
-        self.log.info("stopped", drained=not any(s.busy for s in self.sessions))
+        release(self._locks)
+        worker = self.worker.index if self.worker is not None else None
+        self.log.info("stopped", drained=not cut, worker=worker)
 
     # ------------------------------------------------------------ reload
     def _count_reload(self, ok: bool) -> None:

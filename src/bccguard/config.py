@@ -120,6 +120,12 @@ def _delivery_timeout(v: str | int | float) -> float:
     return seconds
 
 
+def _fraction(v: float) -> float:
+    if not 0 < v <= 1:
+        raise ValueError(f"{v} is not in (0, 1]")
+    return v
+
+
 def _non_negative(v: int) -> int:
     if v < 0:
         raise ValueError(f"{v} is negative")
@@ -289,6 +295,13 @@ class ServerConfig:
     command_timeout: float = field(default=300.0, metadata=_seconds('"5m"'))
     data_timeout: float = field(default=600.0, metadata=_seconds('"10m"'))
     max_bad_commands: int = field(default=20, metadata=_check(_positive, "e.g. 20"))
+    # Postfix-style stress: past this fraction of max_sessions, command and idle
+    # timeouts (and the DATA budget) shrink to stress_timeout, so idle and
+    # trickling sessions are cut first and real clients find a free slot.
+    stress_threshold: float = field(
+        default=0.8, metadata=_check(_fraction, "a fraction of max_sessions, e.g. 0.8 (1.0: never)")
+    )
+    stress_timeout: float = field(default=10.0, metadata=_seconds('"10s" (as Postfix)'))
     # Postfix's smtpd_min_data_rate: each byte received during DATA buys
     # 1/min_data_rate more seconds, so big uploads at a sane rate never time
     # out while a trickle is cut about data_timeout after DATA began.
@@ -298,6 +311,13 @@ class ServerConfig:
     max_auth_failures: int = field(default=3, metadata=_check(_positive, "e.g. 3"))
     shutdown_timeout: float = field(default=30.0, metadata=_seconds('"30s"'))
     proxy_protocol: bool = False
+    # Who may send a PROXY header (the load balancers): required with
+    # proxy_protocol, else anyone reaching the port could claim an allowed
+    # client address. Connections from elsewhere are closed before the greeting.
+    proxy_trusted_networks: tuple[IPNetwork, ...] = field(
+        default=(),
+        metadata=_check(_networks, 'list the load balancers\' CIDR networks, e.g. ["10.0.0.5/32"]'),
+    )
     # Processes sharing the port (SO_REUSEPORT) under one supervisor; 1: no
     # supervisor. "auto" (the default) is resolved here, at load, to one per
     # usable CPU: a relay is one Python loop per core, so one process leaves
@@ -826,6 +846,11 @@ def _cross_checks(cfg: Config, source: str) -> None:
     for label, p in (("console.tls.cert", ctls.cert), ("console.tls.key", ctls.key)):
         if p and not Path(p).is_file():
             problems.append(f"{label}: {p} does not exist (fix: point it at a PEM file)")
+    if cfg.server.proxy_protocol and not cfg.server.proxy_trusted_networks:
+        problems.append(
+            "server.proxy_trusted_networks: required when server.proxy_protocol = true, or anyone "
+            'could claim a client address (fix: list the load balancers, e.g. ["10.0.0.5/32"])'
+        )
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
     if cfg.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:

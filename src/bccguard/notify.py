@@ -15,15 +15,29 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bccguard.policy.model import Action, Verdict
 from bccguard.policy.notice import build_notice, is_automatic
 
 if TYPE_CHECKING:
+    from bccguard.config import Config
+    from bccguard.ops.metrics import Metrics
     from bccguard.policy.engine import Outcome
     from bccguard.policy.model import Envelope
-    from bccguard.relay import Runtime
+    from bccguard.store.spool import Spool
+
+
+class NoticeRuntime(Protocol):
+    """What a notice needs of the config snapshot (relay.Runtime is one). A protocol, not
+    relay.Runtime itself: relay.py uses the Notifier, and must not be imported back."""
+
+    config: Config
+    metrics: Metrics
+    log: Any
+    spool: Spool
+
+    def wake(self) -> None: ...  # tell the spool runner new work is due
 
 WINDOW = 3600.0
 MAX_TRACKED = 100_000  # senders remembered; past this the oldest are forgotten
@@ -57,7 +71,9 @@ class Notifier:
         while len(self._sent) >= MAX_TRACKED:  # still full: drop the oldest-inserted
             del self._sent[next(iter(self._sent))]
 
-    async def after(self, rt: Runtime, outcome: Outcome, env: Envelope, reply: str, session_id: str) -> None:
+    async def after(
+        self, rt: NoticeRuntime, outcome: Outcome, env: Envelope, reply: str, session_id: str
+    ) -> None:
         """Spool a notice if this message was changed, held or refused by policy."""
         cfg = rt.config.notify
         v = outcome.verdict

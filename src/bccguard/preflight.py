@@ -54,7 +54,8 @@ def _user() -> str:
         return f"uid {os.geteuid()}"
 
 
-def _key_hint(key: str) -> str:
+def key_hint(key: str) -> str:
+    """Where an admin changes `key`: the config key, and the `serve` flag if there is one."""
     flag = FLAGS.get(key)
     return f"in {key}" + (f" or with `serve {flag}`" if flag else "")
 
@@ -69,16 +70,63 @@ def binding(key: str, value: str) -> Iterator[None]:
     except socket.gaierror as exc:
         raise StartError(
             key, value, f"host name not found ({exc.strerror})",
-            f"use an IP address, or a name this host resolves, {_key_hint(key)}",
+            f"use an IP address, or a name this host resolves, {key_hint(key)}",
         ) from None  # fmt: skip
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise address_in_use(key, value) from None
         raise StartError(key, value, errno_words(exc), _bind_fix(exc, key, value)) from None
 
 
+def address_in_use(key: str, value: str) -> StartError:
+    """The one-line refusal for a taken address, naming the holder when /proc tells it.
+
+    Why the holder: with SO_REUSEPORT a second relay used to join the first
+    silently; now it is refused, and the admin needs to know by whom.
+    """
+    _, port = parse_hostport(value)
+    return StartError(
+        key,
+        value,
+        f"address already in use (EADDRINUSE) by {port_holder(port)}",
+        f"stop it, or set a free port {key_hint(key)}",
+    )
+
+
+def port_holder(port: int) -> str:
+    """'pid N (command)' of a process listening on TCP `port`, else 'another process'.
+
+    Looked up in /proc (Linux; only processes this user may inspect).
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    if inodes:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                for fd in (proc / "fd").iterdir():
+                    if str(fd.readlink()) in inodes:
+                        return f"pid {proc.name}{process_name(int(proc.name))}"
+    return "another process"
+
+
+def process_name(pid: int) -> str:
+    """' (command line)' of `pid`, cut to 80 characters; '' when /proc does not tell."""
+    with contextlib.suppress(OSError):
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        text = " ".join(a.decode("utf-8", "replace") for a in args if a)[:80]
+        return f" ({text})" if text else ""
+    return ""
+
+
 def _bind_fix(exc: OSError, key: str, value: str) -> str:
-    hint = _key_hint(key)
-    if exc.errno == errno.EADDRINUSE:
-        return f"another process listens there (`ss -ltnp` names it): stop it, or set a free port {hint}"
+    hint = key_hint(key)
     if exc.errno == errno.EACCES:
         return f"ports below 1024 need root or CAP_NET_BIND_SERVICE: set a port from 1024 up {hint}"
     if exc.errno == errno.EADDRNOTAVAIL:

@@ -45,7 +45,7 @@ from bccguard.policy.engine import Outcome, evaluate
 from bccguard.policy.model import Action, Envelope
 from bccguard.scan import scan
 from bccguard.smtp.auth import Credentials
-from bccguard.smtp.server import peer_ip
+from bccguard.smtp.peers import client_ip
 from bccguard.store.quarantine import Quarantine
 from bccguard.store.spool import Spool
 from bccguard.upstream import DeliveryResult, Reply, Upstream, UpstreamError
@@ -122,11 +122,7 @@ class Runtime:
 
     def client_ip(self, session: Any) -> str:
         """The real client: the PROXY protocol source when one was received."""
-        proxy = getattr(session, "proxy_data", None)
-        src = getattr(proxy, "src_addr", None) if proxy is not None else None
-        if src:
-            return str(src)
-        return peer_ip(getattr(session, "peer", None))
+        return client_ip(session)
 
 
 class Relay:

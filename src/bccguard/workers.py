@@ -55,10 +55,14 @@ from pathlib import Path
 from typing import Any
 
 from bccguard.config import Config, parse_hostport
+from bccguard.ops.instance import lock_dir, probe_listen, release
 from bccguard.ops.readiness import outbox_path, read_state, upstream_readiness
 from bccguard.preflight import binding
 
 ENV_WORKER = "BCCGUARD_WORKER"
+# /readyz: ready only if the upstream was reached this recently (the single
+# relay's App.readiness uses it too; defined here so workers.py needs no app.py).
+READY_UPSTREAM_WINDOW = 60.0
 READY_TIMEOUT = 60.0  # seconds a worker may take to import, open stores and bind
 CRASH_WINDOW = 10.0  # a worker that dies this soon after start counts as a start failure
 MAX_QUICK_CRASHES = 5  # in a row: give up rather than restart in a loop
@@ -167,6 +171,7 @@ class Supervisor:
         self._ops: Any = None
         self._metrics_dir: str | None = None
         self._own_metrics_dir = False
+        self._locks: list[int] = []  # spool and quarantine instance locks, for the workers too
 
     def _default_argv(self) -> list[str]:
         argv = [sys.executable, "-m", "bccguard.cli", "serve"]
@@ -178,13 +183,23 @@ class Supervisor:
     # ------------------------------------------------------------ start
 
     def start(self) -> None:
-        """Reserve the port, set up metrics, start every worker and wait until each listens."""
-        with binding("server.listen", self.config.server.listen):
-            self._sock, _, self.port = reserve_port(self.config.server.listen)
+        """Reserve the port, set up metrics, start every worker and wait until each listens.
+
+        First make sure no other process uses this relay's spool, quarantine,
+        port or metrics address (ops/instance.py): the workers join the port
+        with SO_REUSEPORT, which would otherwise also join another relay's.
+        """
+        cfg = self.config
+        self._locks.append(lock_dir(cfg.spool.path, "spool.path"))
+        self._locks.append(lock_dir(cfg.quarantine.path, "quarantine.path"))
+        with binding("server.listen", cfg.server.listen):
+            probe_listen(cfg.server.listen)
+            self._sock, _, self.port = reserve_port(cfg.server.listen)
         self._setup_metrics_dir()
-        if self.config.metrics.listen:
+        if cfg.metrics.listen:
             # Before the workers: a taken port fails fast, and /healthz answers during start.
-            self._start_ops()
+            with binding("metrics.listen", cfg.metrics.listen):
+                self._start_ops()
         for w in self.workers:
             self._spawn(w)
         deadline = time.monotonic() + READY_TIMEOUT
@@ -373,6 +388,7 @@ class Supervisor:
             self._sock = None
         if self._own_metrics_dir and self._metrics_dir:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        release(self._locks)
         if codes:  # a start that failed before any worker ran is reported by the caller, not as a stop
             self._log("stopped", workers=self.count, codes=codes)
         return 1 if failed or any(c != 0 for c in codes) else 0

@@ -103,3 +103,29 @@ def configure(
 
 def get_logger(name: str = "bccguard") -> Any:
     return structlog.get_logger(name)
+
+
+class OncePer:
+    """At most one log line per key (a client address) per `interval` seconds.
+
+    Why: noise a scanner controls (failed TLS handshakes, PROXY headers from
+    the wrong host) must stay visible without letting one host write 300 KB
+    of log a second. Keys are forgotten when the table fills, so a flood of
+    distinct addresses costs bounded memory and at worst a few extra lines.
+    """
+
+    def __init__(self, interval: float = 60.0, max_keys: int = 4096) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last: dict[str, float] = {}
+        self.suppressed = 0  # lines held back since the last one let through
+
+    def allow(self, key: str, now: float) -> bool:
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self.suppressed += 1
+            return False
+        if last is None and len(self._last) >= self.max_keys:
+            self._last.clear()
+        self._last[key] = now
+        return True

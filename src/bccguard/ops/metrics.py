@@ -63,6 +63,8 @@ CONNECTION_RESULTS: Final = (
     "refused_network",
     "refused_auth",
     "refused_limit",
+    "refused_proxy_untrusted",  # PROXY-protocol listener, peer outside proxy_trusted_networks
+    "tls_failed",  # a failed STARTTLS handshake (scanners, plaintext after STARTTLS)
     "protocol_error",
 )
 REPLY_CLASSES: Final = ("2xx", "3xx", "4xx", "5xx")

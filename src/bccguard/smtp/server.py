@@ -39,13 +39,14 @@ from aiosmtpd.smtp import (
     TLSSetupException,
 )
 
-from bccguard.ops.logs import ADDRESS_LIKE, address_hash
+from bccguard.ops.logs import ADDRESS_LIKE, OncePer, address_hash
 from bccguard.smtp.paths import parse_path, path_problem, raw_path_with_controls, split_path
+from bccguard.smtp.peers import peer_ip
 from bccguard.smtp.protocol_init import init_smtp
 
 if TYPE_CHECKING:
     from bccguard.config import ServerConfig
-    from bccguard.relay import Runtime
+    from bccguard.smtp.edge import EdgeRuntime as Runtime  # never the relay's orchestration
 
 TERMINATOR = b"\r\n.\r\n"
 MAIL_OK = "250 2.1.0 Ok"
@@ -77,6 +78,13 @@ class SessionGate:
     def __init__(self) -> None:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
+        # Per-client log lines a remote host can provoke at will (failed TLS
+        # handshakes, PROXY from an untrusted host): one a minute per address.
+        self.noise = OncePer()
+        # Under stress (see RelaySMTP._check_stress) the shrunken timeout, else None.
+        self.stress_timeout: float | None = None
+        self.stress_high = 0.0  # sessions above which stress began
+        self.stress_swept = -1e9  # loop time of the last sweep of open sessions
 
     def admit(self, ip: str | None, max_total: int, max_per_ip: int) -> str | None:
         """Admit one session (and, unless `ip` is None, its per-IP share); a 421 line if refused."""
@@ -128,12 +136,6 @@ class RelaySession(Session):
     @login_data.setter
     def login_data(self, value: Any) -> None:
         self._login_data = value
-
-
-def peer_ip(peer: Any) -> str:
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return str(peer or "")
 
 
 def client_allowed(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
@@ -251,6 +253,8 @@ class RelaySMTP(SMTP):
         self.accepted_counted = False
         self._quit = False
         self._data_deadline: float | None = None  # loop time; see _read_data
+        self._messages = 0  # DATA transactions so far: the Received id's suffix
+        self.delivery: asyncio.Future[Any] | None = None  # the message's upstream delivery, while it runs
 
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)
@@ -270,6 +274,9 @@ class RelaySMTP(SMTP):
         # With PROXY protocol the TCP peer is the load balancer: per-IP
         # admission waits for the header (RelayHandler.handle_PROXY).
         ip = None if server.proxy_protocol else peer_ip(transport.get_extra_info("peername"))
+        if ip is None and not self._proxy_peer_trusted(transport):
+            self._refused = True
+            return
         refusal = self._gate.admit(ip, server.max_sessions, server.max_sessions_per_ip)
         if refusal is not None:
             runtime.metrics.connection("refused_limit")
@@ -285,7 +292,69 @@ class RelaySMTP(SMTP):
         self.session_id = runtime.new_session_id()
         self._sessions.add(self)
         runtime.metrics.session_opened()
+        high = server.max_sessions * server.stress_threshold
+        if self._gate.total > high and server.stress_threshold < 1.0:
+            self._enter_stress(high, server.stress_timeout)
         super().connection_made(transport)
+
+    def _enter_stress(self, high: float, timeout: float) -> None:
+        """Postfix-style stress: past the high-water mark of max_sessions, every
+        session's command/idle timer shrinks to `stress_timeout`.
+
+        Why: slow clients from many addresses (each under max_sessions_per_ip)
+        filled every slot and held it for command_timeout (300 s), refusing
+        real clients meanwhile. Under stress an idle or trickling session is
+        cut within seconds; a real client answers within milliseconds and is
+        not affected. Open sessions are swept once on entry (at most once a
+        second, so a count hovering at the mark costs little); new timers
+        pick the short value up in _reset_timeout. Sessions waiting on the
+        upstream keep their long timer. Ends at 90% of the mark.
+        """
+        gate = self._gate
+        entering = gate.stress_timeout is None
+        gate.stress_timeout = timeout
+        gate.stress_high = high
+        now = self.loop.time()
+        if now - gate.stress_swept < 1.0:
+            return
+        gate.stress_swept = now
+        if entering:
+            self._runtime_ref().log.warning(
+                "stress_on", sessions=gate.total, mark=int(high), timeout=timeout
+            )
+        for other in list(self._sessions):
+            other._stress_rearm(now, timeout)
+
+    def _stress_rearm(self, now: float, timeout: float) -> None:
+        if self.transport is None or self.delivery is not None:
+            return  # gone, or waiting on the upstream: its timer covers the delivery
+        if self._data_deadline is not None:  # in DATA: the budget from now, bytes still earn time
+            self._data_deadline = min(self._data_deadline, now + timeout)
+        self._reset_timeout(timeout)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's timer; under stress the default duration is the short one."""
+        if duration is None:
+            duration = self._gate.stress_timeout
+        super()._reset_timeout(duration)
+
+    def _proxy_peer_trusted(self, transport: asyncio.BaseTransport) -> bool:
+        """Only `proxy_trusted_networks` may send a PROXY header; anyone else is closed unanswered.
+
+        A PROXY header names the client that `allowed_networks` judges, so
+        from an untrusted host it is a forged licence to relay. Refused before
+        the greeting (no SMTP dialogue with a host that is not the balancer),
+        counted, and logged once a minute per address.
+        """
+        runtime = self._runtime_ref()
+        ip = peer_ip(transport.get_extra_info("peername"))
+        if client_allowed(ip, runtime.config.server.proxy_trusted_networks):
+            return True
+        runtime.metrics.connection("refused_proxy_untrusted")
+        if self._gate.noise.allow("proxy:" + ip, self.loop.time()):
+            runtime.log.warning("proxy_untrusted_refused", client=ip, note="not in proxy_trusted_networks")
+        transport.close()
+        return False
 
     def admit_client(self, ip: str) -> str | None:
         """Per-IP admission for the real client named by a PROXY header; a 421 line if refused."""
@@ -300,11 +369,33 @@ class RelaySMTP(SMTP):
             return
         if self._admitted:
             self._admitted = False
-            self._gate.release(self._admitted_ip)
+            gate = self._gate
+            gate.release(self._admitted_ip)
+            # Hysteresis (off at 90% of the mark): a count hovering at the mark
+            # does not flip stress on and off with every connection.
+            if gate.stress_timeout is not None and gate.total <= gate.stress_high * 0.9:
+                gate.stress_timeout = None
+                self._runtime_ref().log.info("stress_off", sessions=gate.total)
             self._admitted_ip = None
             self._sessions.discard(self)
             self._runtime_ref().metrics.session_closed()
         super().connection_lost(error)
+
+    def eof_received(self) -> bool:
+        """The client sent FIN: end the session now, whatever state it is in.
+
+        aiosmtpd cancels the command loop but returns True (keep the
+        half-closed transport open), and a loop cancelled before its first
+        step (EOF before the greeting or the PROXY header: a load balancer's
+        TCP health check) never closes it: the fd and the per-IP slot stayed
+        taken until command_timeout. False makes the transport close itself,
+        so connection_lost releases the slot at once. A message in DATA was
+        not answered 250, so its client retries; an upstream delivery already
+        under way is shielded and finishes (at worst a duplicate, never a loss).
+        """
+        if not self._refused:  # a refused connection never started aiosmtpd's session
+            super().eof_received()
+        return False
 
     def _timeout_cb(self) -> None:
         """Command or DATA timeout (RFC 5321 4.5.3.2): say why before closing, as Postfix does.
@@ -336,6 +427,27 @@ class RelaySMTP(SMTP):
             await self.push("421 4.3.2 Service shutting down, try again later")
         if self.transport is not None:
             self.transport.close()
+
+    def cut_for_shutdown(self) -> bool:
+        """`shutdown_timeout` expired with this session in DATA or waiting on the upstream.
+
+        The client hears `421 4.3.2` before the close instead of a silent cut
+        (it got no 250, so it retries), and the upstream delivery is
+        cancelled: before its final dot that abandons the transaction (the
+        pooled connection is dropped, not reused); after it, the upstream may
+        still deliver, and the client's retry is a duplicate, never a loss.
+        True if the session was busy and has been cut.
+        """
+        if self.transport is None or self.transport.is_closing():
+            return False
+        busy = self.busy
+        if self.delivery is not None and not self.delivery.done():
+            self.delivery.cancel()
+        if busy:
+            self._runtime_ref().metrics.reply(421)
+            self._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+        self.transport.close()
+        return busy
 
     async def push(self, status: Any) -> None:
         text = status if isinstance(status, str) else bytes(status).decode("utf-8", "replace")
@@ -435,17 +547,34 @@ class RelaySMTP(SMTP):
                 # and connection loss).
                 self._writer.close()
                 raise
+            except TLSSetupException as error:
+                self._tls_failed(error)
+                if self.transport is not None:
+                    self.transport.close()
+                self.connection_lost(error)
             except Exception as error:
                 try:
                     status = await self.handle_exception(error)
                 except Exception:
                     status = "451 4.3.0 Internal error, try again later"
-                if isinstance(error, TLSSetupException):
-                    if self.transport is not None:
-                        self.transport.close()
-                    self.connection_lost(error)
-                else:
-                    await self.push(status)
+                await self.push(status)
+
+    def _tls_failed(self, error: TLSSetupException) -> None:
+        """A failed STARTTLS handshake: a count and one INFO line per client a minute, no traceback.
+
+        Scanners and plaintext clients that send STARTTLS do this all day; it
+        is not an error of the relay. Seen before: an ERROR with a full
+        traceback per handshake, 343 KB of log in 1.5 s from 300 clients.
+        """
+        runtime = self._runtime_ref()
+        runtime.metrics.connection("tls_failed")
+        ip = runtime.client_ip(self.session)
+        if self._gate.noise.allow("tls:" + ip, self.loop.time()):
+            cause = error.__cause__
+            reason = getattr(cause, "reason", None) or type(cause).__name__
+            runtime.log.info(
+                "tls_handshake_failed", session_id=self.session_id, client=ip, reason=str(reason)
+            )
 
     async def _proxy_handshake(self) -> bool:
         """The PROXY header (v1/v2) before the banner, as aiosmtpd reads it; False closes."""
@@ -526,6 +655,14 @@ class RelaySMTP(SMTP):
                     await self.push(status)
                 return
         await super().smtp_MAIL(arg)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """RFC 3207 4.2: no second STARTTLS on an encrypted session (aiosmtpd answered 220
+        and broke the connection)."""
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
         """221 and close; the command loop ends by itself instead of cancelling its own task."""
@@ -678,9 +815,9 @@ class RelaySMTP(SMTP):
         self.busy = True
         try:
             await self._reply_fast(b"354 End data with <CR><LF>.<CR><LF>\r\n", 354)
-            content, problem = await self._read_data(
-                server.max_message_size, server.data_timeout, server.min_data_rate
-            )
+            stress = self._gate.stress_timeout
+            budget = server.data_timeout if stress is None else min(stress, server.data_timeout)
+            content, problem = await self._read_data(server.max_message_size, budget, server.min_data_rate)
             if content is None:
                 return  # connection gone: nothing was accepted, the client retries
             if problem is None:
@@ -689,6 +826,9 @@ class RelaySMTP(SMTP):
                 self.envelope = self._create_envelope()
                 await self.push(problem)
                 return
+            # RFC 5321 4.4: a relay MUST prepend its trace field. One copy of
+            # the message (the old one is released right away): a few ms for 50 MB.
+            content = self._trace_field() + content
             self.envelope.content = content
             self.envelope.original_content = content
             # Upstream delivery may outlast the command timeout: never cut a
@@ -705,6 +845,31 @@ class RelaySMTP(SMTP):
                 self._reset_timeout()
             if self.closing and self.transport is not None:
                 self.transport.close()
+
+    def _trace_field(self) -> bytes:
+        """The `Received:` line this relay owes (RFC 5321 4.4), folded under 998 octets.
+
+        Names the client's HELO and IP (the real one behind PROXY), this
+        host, the protocol (RFC 3848: SMTP/ESMTP, +S with TLS, +A with AUTH)
+        and an id that finds the session's log lines. No `for <address>`
+        clause: a customer address in a header is what bccguard removes.
+        """
+        runtime = self._runtime_ref()
+        session = self.relay_session()
+        self._messages += 1
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if self._tls_protocol is not None:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        return received_field(
+            helo=session.host_name or "",
+            ip=runtime.client_ip(session),
+            hostname=self.hostname,
+            protocol=proto,
+            ident=f"{self.session_id}.{self._messages}",
+            when=time.time(),
+        )
 
     async def _read_data(
         self, limit: int, budget: float, min_rate: int
@@ -753,6 +918,33 @@ class RelaySMTP(SMTP):
             self._data_deadline = None
 
 
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def received_field(*, helo: str, ip: str, hostname: str, protocol: str, ident: str, when: float) -> bytes:
+    """`Received: from HELO ([IP]) by HOST (bccguard) with PROTO id ID; DATE` (RFC 5321 4.4).
+
+    The HELO is the client's text: anything but host-name characters becomes
+    "_" (no comment, quote, "@" or 8-bit byte reaches the header), at most 255.
+    """
+    helo = _HELO_UNSAFE.sub("_", helo[:255]) or "unknown"
+    literal = ip
+    if ":" in ip:
+        literal = "IPv6:" + ip.split("%", 1)[0]
+    t = time.gmtime(when)
+    date = (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+    )
+    host = _HELO_UNSAFE.sub("_", hostname[:255])
+    return (
+        f"Received: from {helo} ([{literal}])\r\n\tby {host} (bccguard) with {protocol} id {ident};"
+        f"\r\n\t{date}\r\n"
+    ).encode("ascii")
+
+
 def _unstuff(buf: bytearray) -> bytes:
     """The message from the DATA buffer (which starts with the DATA line's CRLF), dots unstuffed.
 
@@ -786,44 +978,47 @@ BARE_LINE_ENDING = (
 )
 LONG_LINE = (
     "554 5.6.0 Message has a line longer than 998 characters (RFC 5322 2.1.1); "
-    "encode long lines, e.g. quoted-printable"
+    "fold long header lines, encode long body lines, e.g. quoted-printable"
 )
+NUL_IN_DATA = "554 5.6.0 Message contains a NUL character (BINARYMIME is not offered)"
 _SCAN_SLICE = 1 << 20  # lines are split a slice at a time: the list never holds a big message twice
 
 
 def check_content(content: bytes) -> str | None:
-    """Refuse bare CR/LF (SMTP smuggling material) and over-long body lines.
+    """Refuse bare CR/LF (SMTP smuggling material), NUL, and lines over 998 octets.
 
-    All of it runs at C speed: two counts (as many CR as LF), then per slice
-    one split on LF, "every line ends with CR" and the longest body line via
-    map(). That proves every LF has its CR and, the counts being equal, that
-    no CR stands alone. Counting CRLF (a slow two-byte search) and a find()
-    per line, as before, cost 300 us for 100 KB; this about 170 us.
+    All of it runs at C speed: two counts (as many CR as LF), one memchr for
+    NUL, then per slice one split on LF, "every line ends with CR" and the
+    longest line via map(). That proves every LF has its CR and, the counts
+    being equal, that no CR stands alone. Counting CRLF (a slow two-byte
+    search) and a find() per line, as before, cost 300 us for 100 KB; this
+    about 170 us.
+
+    NUL (RFC 5321 4.5.2 allows none without BINARYMIME, not offered): an
+    upstream that mishandles it would see another message than the one
+    inspected. Header lines count as body lines do (RFC 5322 2.1.1): a
+    one-line To of 300 addresses is refused, its sender must fold it.
     """
     if content.count(b"\n") != content.count(b"\r"):
         return BARE_LINE_ENDING
-    # Header lines are exempt: a survey script's one-line To of 300 addresses
-    # is exactly the mail bccguard exists to fix (the rewrite folds it), and
-    # the header block is bounded by max_header_size instead.
-    end = content.find(b"\r\n\r\n")
-    body = end + 4 if end >= 0 else len(content)
     long_line = False
-    for first, last, in_body in ((0, body, False), (body, len(content), True)):
-        pos = first
-        while pos < last:
-            stop = last
-            if last - pos > _SCAN_SLICE:
-                stop = content.rfind(b"\n", pos, pos + _SCAN_SLICE) + 1
-            if stop <= pos:  # a single line over a whole slice: take it to its end
-                stop = content.find(b"\n", pos, last) + 1 or last
-            lines = content[pos:stop].split(b"\n")
-            tail = lines.pop()  # after the last LF: empty, or an unterminated last line
-            if not all(map(bytes.endswith, lines, repeat(b"\r"))):
-                return BARE_LINE_ENDING
-            if in_body and not long_line:
-                longest = max(map(len, lines), default=0)
-                long_line = longest > MAX_LINE - 1 or len(tail) > MAX_LINE - 2
-            pos = stop
+    pos, last = 0, len(content)
+    while pos < last:
+        stop = last
+        if last - pos > _SCAN_SLICE:
+            stop = content.rfind(b"\n", pos, pos + _SCAN_SLICE) + 1
+        if stop <= pos:  # a single line over a whole slice: take it to its end
+            stop = content.find(b"\n", pos, last) + 1 or last
+        lines = content[pos:stop].split(b"\n")
+        tail = lines.pop()  # after the last LF: empty, or an unterminated last line
+        if not all(map(bytes.endswith, lines, repeat(b"\r"))):
+            return BARE_LINE_ENDING
+        if not long_line:
+            longest = max(map(len, lines), default=0)
+            long_line = longest > MAX_LINE - 1 or len(tail) > MAX_LINE - 2
+        pos = stop
+    if b"\x00" in content:
+        return NUL_IN_DATA
     return LONG_LINE if long_line else None
 
 
@@ -853,14 +1048,15 @@ class RelayHandler:
         # No AUTH line when no mechanism is available (no auth_file): aiosmtpd
         # would announce "AUTH" with an empty list after STARTTLS.
         lines = [r for r in responses[:-1] if r.rstrip() != "250-AUTH"]
-        # aiosmtpd answers pipelined commands in order but does not say so.
-        return [*lines, "250-PIPELINING", responses[-1]]
+        # aiosmtpd answers pipelined commands in order but does not say so;
+        # every reply carries an enhanced status code (RFC 2034).
+        return [*lines, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_PROXY(
         self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data: Any
     ) -> bool:
-        """Trust a well-formed header (only the load balancer can reach a proxy_protocol
-        listener), then apply the per-IP session limit to the client it names."""
+        """Trust a well-formed header (the peer is in proxy_trusted_networks: checked at
+        connect), then apply the per-IP session limit to the client it names."""
         if not getattr(proxy_data, "valid", False):
             return False
         src = getattr(proxy_data, "src_addr", None)
@@ -921,7 +1117,10 @@ class RelayHandler:
         if len(envelope.rcpt_tos) >= cfg.max_recipients:
             return "452 4.5.3 Too many recipients"
         problem = path_problem(address, smtputf8=bool(envelope.smtp_utf8))
-        if problem is not None:
+        if problem is not None and address.lower() != "postmaster":
+            # RFC 5321 4.5.1: <postmaster> without a domain is always accepted
+            # (relayed as sent: the upstream must accept it too). It still
+            # passed the relay-access check above: no open door to outsiders.
             return problem
         if not server.accepted_counted:
             server.accepted_counted = True
@@ -947,7 +1146,12 @@ class RelayHandler:
         )
         # Shielded: a client that hangs up after its final dot must not cut
         # an upstream transaction in half. It got no 250, so it retries.
-        return await asyncio.shield(task)
+        # Only a shutdown past its timeout cancels it (cut_for_shutdown).
+        server.delivery = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            server.delivery = None
 
     async def handle_exception(self, error: Exception) -> str:
         runtime = self._runtime_ref()
