@@ -1,0 +1,82 @@
+"""What a mail reader shows of header text, and the address-like strings in it.
+
+Why: RFC 2047 forbids decoding an encoded word into a *routing* address,
+and the parser never does. But a recipient's mail reader decodes encoded
+words everywhere (display names, comments, even in addr-spec position),
+folds look-alike at-signs (U+FF20, U+FE6B) on screen into what a
+person reads as `@`, and shows quoted strings without their backslashes.
+A customer address written that way is seen by every recipient, so it must
+count and the rewrite must remove it. This module turns raw element text
+into that reader's view (RFC 2047 decoding, NFKC) and finds every
+`local@domain` string in it. Pure and linear: regexes with possessive
+quantifiers and a lookbehind, so a long run of text without `@` is read once.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+import unicodedata
+
+from bccguard.policy.domains import normalize_domain
+from bccguard.policy.model import Address
+
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
+# RFC 2047 6.2: whitespace between two adjacent encoded words is not shown.
+_BETWEEN_WORDS = re.compile(r"(?<=\?=)[ \t\r\n]+(?==\?[^?\s]+\?[bBqQ]\?)")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+# Dots NFKC leaves alone but IDNA (and so a reader's address bar) treats as '.'.
+_DOTS = str.maketrans({"\u3002": ".", "\uff61": ".", "\uff0e": "."})
+# Local part characters: RFC 5322 atext (plus '.'), and any Unicode letter or
+# digit (RFC 6532); no quote, bracket, space or '@'. The lookbehind makes a
+# match start only where a run of them starts (linear time).
+_LOCAL = r"[\w.!#$%&'*+/=?^`{|}~-]"
+_ADDRESS_LIKE = re.compile(rf"(?<!{_LOCAL})({_LOCAL}++)@([\w-]++(?:\.[\w-]++)++)")
+_LOCAL_EDGE = ".'`="
+
+
+def _decode_word(m: re.Match[str]) -> str:
+    charset, enc, text = m.group(1), m.group(2), m.group(3)
+    charset = charset.partition("*")[0]  # RFC 2231 language tag
+    try:
+        raw = text.encode("ascii")
+        if enc in "qQ":
+            data = binascii.a2b_qp(raw, header=True)
+        else:
+            data = binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))
+        return data.decode(charset, "replace")
+    except (UnicodeError, LookupError, binascii.Error, ValueError):
+        return m.group(0)  # undecodable: a reader shows it as it is
+
+
+def reader_text(text: str) -> str:
+    """`text` as a mail reader displays it: unfolded, RFC 2047 decoded, NFKC-normalised."""
+    text = _FOLD.sub("", text)
+    if "=?" in text:
+        text = _ENCODED_WORD.sub(_decode_word, _BETWEEN_WORDS.sub("", text))
+    if "\\" in text:
+        text = _QUOTED_PAIR.sub(r"\1", text)
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text).translate(_DOTS)
+    return text
+
+
+def address_like(text: str) -> list[Address]:
+    """Every `local@domain` string a reader sees in raw header `text`, in order.
+
+    Each comes back as a valid Address marked `in_text` (local part
+    lower-cased, domain normalised), to be counted and classified by its own
+    domain like any other.
+    """
+    shown = reader_text(text)
+    if "@" not in shown:
+        return []
+    out: list[Address] = []
+    for m in _ADDRESS_LIKE.finditer(shown):
+        local = m.group(1).strip(_LOCAL_EDGE)
+        domain = m.group(2).strip("-_")
+        if not local or "." not in domain:
+            continue
+        out.append(Address(local.lower(), normalize_domain(domain), m.group(0), None, True, True))
+    return out
