@@ -29,6 +29,7 @@ from bccguard.policy.decide import decide_with, select_rule
 from bccguard.policy.engine import rewrite_for
 from bccguard.policy.headers import parse_header
 from bccguard.policy.notice import display_subject
+from bccguard.policy.rewrite import drop_bcc
 from bccguard.store.durable import check_id
 from bccguard.store.quarantine import Entry, Quarantine
 from bccguard.upstream import UpstreamError, open_upstream
@@ -196,6 +197,8 @@ async def _release(cfg: Config, q: Quarantine, e: Entry, *, rewrite: bool, out: 
         verdict = decide_with(rule, settings, env, visible_recipients(block))
         data, hidden = rewrite_for(data, block, env, settings, verdict)
         how = f"rewritten ({hidden} addresses hidden)"
+    else:
+        data = drop_bcc(data, parse_header(data))  # as every forwarded message: the envelope keeps them
     upstream = open_upstream(cfg.upstream, hostname=cfg.server.hostname)
     try:
         result = await upstream.deliver(

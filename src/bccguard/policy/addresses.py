@@ -111,7 +111,9 @@ Item = Mailbox | Group
 # whatever they refuse, it parses instead.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = rf"{_ATEXT}++(?:\.{_ATEXT}++)*+"
-_QWORD = r'"[^"\\\r\n]*+"'
+# No '@' and no non-ASCII in tier 1's quoted words: a display name that may
+# show an address goes to tier 2, which reads it as a mail reader would.
+_QWORD = r'"[^"\\\r\n@\x80-\U0010ffff]*+"'
 _WORD = rf"(?:{_ATEXT}++|{_QWORD})"
 _FWS = r"[ \t\r\n]*+"
 _FAST = re.compile(
@@ -407,8 +409,9 @@ def _medium(value: str, pos: int) -> tuple[Mailbox, int] | None:
     return Mailbox(address, start, start + len(raw), seen), m.end()
 
 
-def _group_seen(display: str) -> tuple[Address, ...]:
-    return tuple(address_like(display)) if display else ()
+def _group_seen(text: str) -> tuple[Address, ...]:
+    """What a group's name (with its comments, up to the ':') shows."""
+    return tuple(address_like(text))
 
 
 def _slow_item(value: str, pos: int, items: list[Item], fast: bool = True) -> int:
@@ -452,8 +455,9 @@ def _slow_item(value: str, pos: int, items: list[Item], fast: bool = True) -> in
                 pos = found[1]
                 if value[pos - 1] != ";":
                     continue
-                display, gstart, _, members = group
-                items.append(Group(display, tuple(members), gstart, pos, _group_seen(display)))
+                display, gstart, colon_end, members = group
+                seen = _group_seen(value[gstart:colon_end])
+                items.append(Group(display, tuple(members), gstart, pos, seen))
                 sep = _GROUP_TAIL.match(value, pos)
                 return sep.end() if sep is not None else pos
         tok = _next_token(value, pos)
@@ -486,8 +490,9 @@ def _slow_item(value: str, pos: int, items: list[Item], fast: bool = True) -> in
             elif ch == ";" and not angle:
                 flush()
                 if group is not None:
-                    display, gstart, _, members = group
-                    items.append(Group(display, tuple(members), gstart, pos, _group_seen(display)))
+                    display, gstart, colon_end, members = group
+                    seen = _group_seen(value[gstart:colon_end])
+                    items.append(Group(display, tuple(members), gstart, pos, seen))
                     # Take the comma after the group too, so the fast path resumes.
                     sep = _GROUP_TAIL.match(value, pos)
                     if sep is not None:
@@ -501,7 +506,7 @@ def _slow_item(value: str, pos: int, items: list[Item], fast: bool = True) -> in
         # No closing ';': the group runs to the end of the value.
         display, gstart, colon_end, members = group
         gend = members[-1].end if members else colon_end
-        items.append(Group(display, tuple(members), gstart, gend, _group_seen(display)))
+        items.append(Group(display, tuple(members), gstart, gend, _group_seen(value[gstart:colon_end])))
     return n
 
 
@@ -521,10 +526,6 @@ def parse_address_list(value: str) -> list[Item]:
                 start = m.start(1)
                 if l1 is not None:
                     address = Address(l1, normalize_domain(d1), raw, display, True)
-                    if display is not None and ("@" in display or not display.isascii()):
-                        items.append(Mailbox(address, start, start + len(raw), _seen(address, raw)))
-                        pos = m.end()
-                        continue
                 else:
                     address = Address(l2, normalize_domain(d2), raw, None, True)
                 items.append(Mailbox(address, start, start + len(raw)))

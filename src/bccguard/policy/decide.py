@@ -79,7 +79,8 @@ def decide_with(
         if not a.valid:  # classify: malformed text counts as external, never consumer
             unparsed.add(a.addr_spec)
             continue
-        key = a.key
+        local = a.local  # Address.key, inlined: this loop runs once per visible address
+        key = a.key if '"' in local else f"{local.lower()}@{a.domain}"
         distinct.add(key)
         cls = classes.get(a.domain)
         if cls is None:
