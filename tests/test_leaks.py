@@ -467,3 +467,33 @@ def test_every_batch_in_the_list_names_its_source() -> None:
     text = resources.files("bccguard").joinpath("data/consumer_domains.txt").read_text("utf-8")
     batches = [b for b in text.split("# Batch ")[1:]]
     assert batches and all("lists" in b.split("\n", 1)[0] or "issue" in b.split("\n", 1)[0] for b in batches)
+
+
+# --- the corpus cases with expected verdicts (tests/corpus/i13-*) -----------------------------------
+
+CORPUS = Path(__file__).parent / "corpus"
+VERDICT_CASES = sorted(
+    p for p in CORPUS.glob("*.expected.json") if "verdict" in json.loads(p.read_text("utf-8"))
+)
+
+
+def test_the_corpus_grew_by_at_least_40_issue_13_cases() -> None:
+    assert len(list(CORPUS.glob("i13-*.eml"))) >= 40
+
+
+@pytest.mark.parametrize("expected", VERDICT_CASES, ids=lambda p: p.name.removesuffix(".expected.json"))
+def test_corpus_verdict_and_nothing_hidden_is_left_for_a_reader(expected: Path) -> None:
+    from bccguard.policy.reader import address_like
+
+    want = json.loads(expected.read_text("utf-8"))["verdict"]
+    data = expected.with_name(expected.name.replace(".expected.json", ".eml")).read_bytes()
+    pol = policy()
+    o = evaluate(data, Envelope("sender@corp.example", ("someone@outside.example",)), pol)
+    v = o.verdict
+    got = {"action": v.action.value, "visible_consumer": v.visible_consumer,
+           "visible_external": list(v.visible_external), "unparsed": len(v.unparsed)}  # fmt: skip
+    assert got == want
+    if v.action is Action.REWRITE:
+        # read the rewritten header as a mail reader would: no hidden address anywhere in it
+        shown = head_of(o).decode("utf-8", "surrogateescape")
+        assert not {a.key for a in address_like(shown)} & set(v.visible_external)
