@@ -38,7 +38,9 @@ async def test_bcc_is_removed_from_mail_that_is_no_exposure_and_the_envelope_is_
     assert got.data == message(["team@corp.example"])
 
 
-async def test_an_exposure_in_audit_mode_still_leaves_without_bcc(start_relay: StartRelay, sink: Sink) -> None:
+async def test_an_exposure_in_audit_mode_still_leaves_without_bcc(
+    start_relay: StartRelay, sink: Sink
+) -> None:
     app = await start_relay(sink.url, {"policy": {"action": "audit"}})
     to = ["a@gmail.com", "b@gmail.com"]
     data = message(to, extra="Bcc: boss@corp.example")
@@ -47,7 +49,9 @@ async def test_an_exposure_in_audit_mode_still_leaves_without_bcc(start_relay: S
     assert got.data == message(to)
 
 
-async def test_addresses_in_display_names_comments_and_encoded_words_are_hidden(relay: App, sink: Sink) -> None:
+async def test_addresses_in_display_names_comments_and_encoded_words_are_hidden(
+    relay: App, sink: Sink
+) -> None:
     to = [
         '"alice@gmail.com" <news@corp.example>',
         "sales@corp.example (bob@yahoo.com, carol@orange.fr)",

@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--show", action="store_true", help="print the header block as it would leave")
+    report = sub.add_parser(
+        "report",
+        help="what the relay would do with a batch of stored messages (Maildir, mbox, directory)",
+        description="Each message is checked as `bccguard check` does (envelope: From and every "
+        "To/Cc/Bcc/Resent-* address). Prints the messages enforcement would change and a summary; "
+        "counts only, never an address. Exit 0; 2: a path cannot be read.",
+    )
+    report.add_argument("paths", nargs="+", metavar="PATH", help="Maildir, mbox file, directory or .eml")
+    _config_arg(report)
+    report.add_argument("--json", action="store_true", help="print one JSON object: summary and messages")
+    report.add_argument("--all", action="store_true", help="list every message, not only the changed ones")
+    report.add_argument(
+        "--glob", default="*", metavar="PATTERN", help="in directories, read only these file names"
+    )
     _quarantine_parser(sub)
     return parser
 
@@ -126,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args)
         if args.command == "passwd":
             return cmd_passwd(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "quarantine" and args.quarantine_command:
             return cmd_quarantine(args)
     except ConfigError as exc:
@@ -371,6 +387,22 @@ def _print_result(args: argparse.Namespace, result: dict[str, Any], n_rcpts: int
     else:
         _print_human(result, n_rcpts)
     return code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bccguard.report import ReportError, as_json, render_table, report
+
+    cfg = load(args.config)
+    try:
+        rows = report(args.paths, cfg.policy, args.glob)
+    except ReportError as exc:
+        print(f"bccguard: {exc}", file=sys.stderr)
+        return EX_USAGE
+    if args.json:
+        print(json_text(as_json(rows)))
+    else:
+        render_table(rows, sys.stdout, all_rows=args.all)
+    return EX_OK
 
 
 def _print_human(r: dict[str, Any], n_rcpts: int) -> None:
