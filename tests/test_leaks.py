@@ -497,3 +497,20 @@ def test_corpus_verdict_and_nothing_hidden_is_left_for_a_reader(expected: Path) 
         # read the rewritten header as a mail reader would: no hidden address anywhere in it
         shown = head_of(o).decode("utf-8", "surrogateescape")
         assert not {a.key for a in address_like(shown)} & set(v.visible_external)
+
+
+_TEXT_PARTS = st.sampled_from(
+    ["a", "b.c", "@", "\uff20", "\ufe6b", " ", '"', "(", ")", "<", ">", "x.example", "J\u00fcrgen",
+     "=?utf-8?q?a=40b.example?=", "=?utf-8?q?J=C3=BCrgen?=", "=?UTF-8?Q?a=EF=BC=A0b.example?=",
+     "=?utf-8?b?YUBiLmV4YW1wbGU=?=", "=?iso-8859-1?q?b=F6rje?=", "=?shift_jis?q?a=81=97b.example?=",
+     "=?x-unknown?q?a=40b.example?="]
+)  # fmt: skip
+
+
+@settings(max_examples=500)
+@given(st.lists(_TEXT_PARTS, max_size=12).map("".join))
+def test_the_at_sign_count_never_misses_an_address_a_reader_sees(text: str) -> None:
+    """`at_signs` lets the parser skip reading an element: it must bound what `address_like` finds."""
+    from bccguard.policy.reader import address_like, at_signs
+
+    assert at_signs(text) >= len(address_like(text))

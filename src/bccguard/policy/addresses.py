@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from bccguard.policy.domains import normalize_domain
 from bccguard.policy.headers import HeaderBlock
 from bccguard.policy.model import Address
-from bccguard.policy.reader import address_like, reader_text
+from bccguard.policy.reader import address_like, at_signs, reader_text
 
 RECIPIENT_FIELDS = ("to", "cc", "resent-to", "resent-cc")
 
@@ -73,6 +73,8 @@ class Group:
 
 def _seen(address: Address, raw: str) -> tuple[Address, ...]:
     """`Mailbox.seen` for an element: distinct address-like strings, minus the routing address."""
+    if address.valid and at_signs(raw) <= 1:
+        return ()  # the one at-sign a reader sees is the routing address's own
     found = address_like(raw)
     keys = {address.key} if address.valid else set()
     out: list[Address] = []

@@ -50,6 +50,50 @@ def _decode_word(m: re.Match[str]) -> str:
         return m.group(0)  # undecodable: a reader shows it as it is
 
 
+# Every code point NFKC turns into (something holding) '@' (checked over all of Unicode).
+_AT_LIKE = ("\uff20", "\ufe6b")
+
+
+def at_signs(text: str) -> int:
+    """How many at-signs a reader sees in `text`: a cheap upper bound for `address_like`.
+
+    Why: most display names and comments show no address at all; counting
+    at-signs after decoding encoded words (NFKC only matters for the two
+    look-alikes) avoids normalising and scanning them. An element whose
+    text shows one at-sign shows only its own routing address.
+    """
+    n = text.count("@")
+    if not text.isascii():
+        n += text.count(_AT_LIKE[0]) + text.count(_AT_LIKE[1])
+    if "=?" in text and _MAY_HIDE_AT.search(text) is not None:
+        n += sum(map(_word_at_signs, _ENCODED_WORD.finditer(text)))
+    return n
+
+
+# An encoded word that may decode to an at-sign: one not Q-encoded in UTF-8 or a
+# single-byte charset, or one holding the Q form of '@', U+FF20 or U+FE6B.
+# One C-level search clears the usual `=?utf-8?q?J=C3=BCrgen?=` display name.
+_MAY_HIDE_AT = re.compile(
+    r"=\?(?!(?:utf-?8|us-ascii|iso-8859-\d+|windows-125\d)(?:\*[^?]*)?\?q\?)|=40|=EF=B[9C]=", re.IGNORECASE
+)
+
+
+_SINGLE_BYTE = ("us-ascii", "iso-8859-", "windows-125")
+
+
+def _word_at_signs(m: re.Match[str]) -> int:
+    """At-signs one encoded word shows; Q words in common charsets are read without decoding."""
+    charset, enc, text = m.group(1).lower(), m.group(2), m.group(3)
+    if enc in "qQ":
+        if charset.startswith(_SINGLE_BYTE):
+            return text.count("=40")  # no look-alike exists in a single-byte charset
+        if charset in ("utf-8", "utf8"):
+            up = text.upper()
+            return up.count("=40") + up.count("=EF=BC=A0") + up.count("=EF=B9=AB")
+    shown = _decode_word(m)
+    return shown.count("@") + shown.count(_AT_LIKE[0]) + shown.count(_AT_LIKE[1])
+
+
 def reader_text(text: str) -> str:
     """`text` as a mail reader displays it: unfolded, RFC 2047 decoded, NFKC-normalised."""
     text = _FOLD.sub("", text)
