@@ -98,3 +98,21 @@ async def test_quarantine_release_as_it_was_drops_bcc(
     (got,) = delivered(sink)
     assert got.rcpt_tos == rcpts
     assert got.data == message(to)
+
+
+async def test_an_exposure_after_a_broken_header_line_is_refused_naming_the_broken_section(
+    start_relay: StartRelay, sink: Sink
+) -> None:
+    import smtplib
+
+    app = await start_relay(sink.url, {"policy": {"on_malformed": "reject"}})
+    data = (
+        b"From: news@corp.example\r\nSubject: survey\r\nthis line is no header field\r\n"
+        b"To: a@gmail.com, b@gmail.com, c@yahoo.com\r\n\r\nHello\r\n"
+    )
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        await send(app.port, "news@corp.example", ["a@gmail.com", "b@gmail.com", "c@yahoo.com"], data)
+    assert err.value.smtp_code == 550
+    text = err.value.smtp_error
+    assert b"header section is broken at line 3" in text and b"@" not in text
+    assert delivered(sink) == []
