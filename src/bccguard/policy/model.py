@@ -133,7 +133,9 @@ class Verdict:
 
     `action` is what the relay does. For `audit` it forwards unchanged and
     `would` names what enforcement would have done. `visible_external` is the
-    sorted, distinct external addr-specs seen in To/Cc/Resent-To/Resent-Cc;
+    sorted, distinct external addresses a reader sees in To/Cc/Resent-To/
+    Resent-Cc, one per person (`Address.key`); `unparsed` the text there
+    that holds an '@' but no address (each counted as one external);
     `hidden` is how many distinct addresses the rewrite removes (or would).
     """
 
