@@ -160,6 +160,15 @@ def _filter_field(
                 display = "undisclosed-recipients"
             kept.append(_group_pieces(display, members))
             continue
+        a = item.address
+        if not item.seen and a.valid:  # the usual element: inlined, this runs once per address
+            if hide(a):
+                local = a.local
+                removed.add(a.key if '"' in local else f"{local.lower()}@{a.domain}")
+                hidden = True
+            else:
+                kept.append([_flat(value[item.start : item.end])])
+            continue
         text, changed = _element(value, item, hide, removed)
         hidden = hidden or changed
         if text is not None:
