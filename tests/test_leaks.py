@@ -514,3 +514,10 @@ def test_the_at_sign_count_never_misses_an_address_a_reader_sees(text: str) -> N
     from bccguard.policy.reader import address_like, at_signs
 
     assert at_signs(text) >= len(address_like(text))
+
+
+def test_the_to_fallback_never_copies_an_address_shown_in_the_senders_display_name() -> None:
+    o = run('From: "alice@gmail.com" <news@corp.example>\nTo: a@gmail.com, b@gmail.com', reply_to_sender=True)
+    head = head_of(o)
+    assert b"\r\nTo: <news@corp.example>\r\n" in head and b"Reply-To: <news@corp.example>\r\n" in head
+    assert b"alice" not in head.replace(b'From: "alice@gmail.com"', b"")
