@@ -94,11 +94,15 @@ def _word_at_signs(m: re.Match[str]) -> int:
     return shown.count("@") + shown.count(_AT_LIKE[0]) + shown.count(_AT_LIKE[1])
 
 
-def reader_text(text: str) -> str:
-    """`text` as a mail reader displays it: unfolded, RFC 2047 decoded, NFKC-normalised."""
+def reader_text(text: str, *, join: bool = True) -> str:
+    """`text` as a mail reader displays it: unfolded, RFC 2047 decoded, NFKC-normalised.
+
+    `join=False` keeps the blanks between adjacent encoded words (RFC 2047
+    6.2 drops them): see `address_like`.
+    """
     text = _FOLD.sub("", text)
     if "=?" in text:
-        text = _ENCODED_WORD.sub(_decode_word, _BETWEEN_WORDS.sub("", text))
+        text = _ENCODED_WORD.sub(_decode_word, _BETWEEN_WORDS.sub("", text) if join else text)
     if "\\" in text:
         text = _QUOTED_PAIR.sub(r"\1", text)
     if not text.isascii():
@@ -114,6 +118,19 @@ def address_like(text: str) -> list[Address]:
     domain like any other.
     """
     shown = reader_text(text)
+    out = _find(shown)
+    if "=?" in text and _BETWEEN_WORDS.search(text) is not None:
+        # Adjacent encoded words: a reader joins them (`=?..?q?alice?= =?..?q?=40x.example?=`
+        # shows alice@x.example), but a list written as `=?..a=40x.example?= =?..b=40x.example?=`
+        # joins into odd strings (`a@x.exampleb`) where a person reads two addresses.
+        # Take the reading that shows more addresses (joined on a tie, as readers do).
+        apart = _find(reader_text(text, join=False))
+        if len(apart) > len(out):
+            return apart
+    return out
+
+
+def _find(shown: str) -> list[Address]:
     if "@" not in shown:
         return []
     out: list[Address] = []
