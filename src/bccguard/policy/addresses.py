@@ -407,13 +407,15 @@ def _medium(value: str, pos: int) -> tuple[Mailbox, int] | None:
     raw = raw.rstrip(" \t\r\n")  # the trailing CFWS may end in blanks
     domain = _mclean(domain).removesuffix(".")
     address = Address(_mclean(local), normalize_domain(domain), raw, display, True)
-    seen = _seen(address, raw) if _needs_reading(raw) else ()
-    return Mailbox(address, start, start + len(raw), seen), m.end()
+    # _needs_reading, inlined: tier 2 takes most elements of a mixed list
+    if raw.count("@") > 1 or "=?" in raw or not raw.isascii():
+        return Mailbox(address, start, start + len(raw), _seen(address, raw)), m.end()
+    return Mailbox(address, start, start + len(raw)), m.end()
 
 
 def _group_seen(text: str) -> tuple[Address, ...]:
     """What a group's name (with its comments, up to the ':') shows."""
-    return tuple(address_like(text))
+    return tuple(address_like(text)) if at_signs(text) else ()
 
 
 def _slow_item(value: str, pos: int, items: list[Item], fast: bool = True) -> int:

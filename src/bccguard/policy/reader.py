@@ -26,8 +26,6 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"(?<=\?=)[ \t\r\n]+(?==\?[^?\s]+\?[bBqQ]\?)")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
-# Dots NFKC leaves alone but IDNA (and so a reader's address bar) treats as '.'.
-_DOTS = str.maketrans({"\u3002": ".", "\uff61": ".", "\uff0e": "."})
 # Local part characters: RFC 5322 atext (plus '.'), and any Unicode letter or
 # digit (RFC 6532); no quote, bracket, space or '@'. The lookbehind makes a
 # match start only where a run of them starts (linear time).
@@ -100,13 +98,16 @@ def reader_text(text: str, *, join: bool = True) -> str:
     `join=False` keeps the blanks between adjacent encoded words (RFC 2047
     6.2 drops them): see `address_like`.
     """
-    text = _FOLD.sub("", text)
+    if "\n" in text:
+        text = _FOLD.sub("", text)
     if "=?" in text:
         text = _ENCODED_WORD.sub(_decode_word, _BETWEEN_WORDS.sub("", text) if join else text)
     if "\\" in text:
         text = _QUOTED_PAIR.sub(r"\1", text)
     if not text.isascii():
-        text = unicodedata.normalize("NFKC", text).translate(_DOTS)
+        text = unicodedata.normalize("NFKC", text)
+        if "\u3002" in text:  # NFKC maps the other dot look-alikes (U+FF0E, U+FF61) already
+            text = text.replace("\u3002", ".")
     return text
 
 
