@@ -1,16 +1,19 @@
 """Rewrite a message's recipient headers, touching nothing else.
 
-Only fields that lose a mailbox are rebuilt; every other byte (fields, their
-folding, garbage lines, the body) is copied from the original, so DKIM
-signatures over untouched fields survive and a diff shows only the change.
+Only fields that lose a mailbox (or text showing one) are rebuilt; every
+other byte (fields, their folding, garbage lines, the body) is copied from
+the original, so DKIM signatures over untouched fields survive and a diff
+shows only the change.
 
 Rebuilt fields keep each surviving mailbox's raw text (display names,
-comments, quoting) with folding removed, then are folded again at item
-boundaries: at most 78 octets a line where an item allows it, never more
-than 998 (RFC 5322 2.1.1). Folding only ever inserts a line break before
-existing whitespace, which unfolding removes again, so meaning is kept. The
-one exception is an item over 998 octets with no whitespace at all (only
-possible in files that already broke the limit): it is cut hard.
+comments, quoting) with folding removed; a kept mailbox whose display name
+or comments show a hidden address keeps only `<local@domain>`. Then they
+are folded again at item boundaries: at most 78 octets a line where an item
+allows it, never more than 998 (RFC 5322 2.1.1). Folding only ever inserts a
+line break before existing whitespace, which unfolding removes again, so
+meaning is kept. The one exception is an item over 998 octets with no
+whitespace at all (only possible in files that already broke the limit): it
+is cut hard.
 """
 
 from __future__ import annotations
