@@ -525,3 +525,29 @@ def test_the_to_fallback_never_copies_an_address_shown_in_the_senders_display_na
     head = head_of(o)
     assert b"\r\nTo: <news@corp.example>\r\n" in head and b"Reply-To: <news@corp.example>\r\n" in head
     assert b"alice" not in head.replace(b'From: "alice@gmail.com"', b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(_LOCALS, st.sampled_from(CONSUMER), _PLACES), min_size=2, max_size=8),
+    st.sampled_from([", ", ",\r\n ", "; "]),
+)
+def test_after_a_rewrite_a_reader_sees_no_consumer_address_in_the_header(
+    parts: list[tuple[str, str, str]], sep: str
+) -> None:
+    """Item 3's other half: whatever the rewrite keeps, a reader finds no hidden address in it."""
+    from bccguard.policy.reader import address_like
+
+    elements = [_render(place, local, domain) for local, domain, place in parts]
+    plain = [e for e in elements if e.count('"') != 1]
+    open_ = [e for e in elements if e.count('"') == 1]
+    head = ["From: a@corp.example", f"To: {sep.join(plain) or 'x@corp.example'}", "Cc: team@corp.example"]
+    head += [f"Resent-Cc: {e}" for e in open_]
+    data = ("\r\n".join(head) + "\r\n\r\nbody\r\n").encode("utf-8")
+    o = evaluate(data, ENV, policy(max_visible_consumer=0))
+    assert o.verdict.action is Action.REWRITE
+    block = parse_header(o.message)
+    for f in block.fields:
+        if f.lname in ("to", "cc", "resent-to", "resent-cc"):
+            assert not [a.key for a in address_like(f.value) if a.domain in CONSUMER], f.value
+    assert block.get_all("cc")[0].value == " team@corp.example"
