@@ -551,3 +551,11 @@ def test_after_a_rewrite_a_reader_sees_no_consumer_address_in_the_header(
         if f.lname in ("to", "cc", "resent-to", "resent-cc"):
             assert not [a.key for a in address_like(f.value) if a.domain in CONSUMER], f.value
     assert block.get_all("cc")[0].value == " team@corp.example"
+
+
+def test_check_counts_recipients_after_a_stray_first_line(tmp_path: Path, cfg: Path, capsys) -> None:
+    """The relay quarantines this (item 5); check must say the same, not 'no header fields'."""
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"not a header\r\nTo: a@gmail.com, b@gmail.com\r\n\r\nbody\r\n")
+    code, r = _check(capsys, str(eml), "--config", str(cfg), "--rcpt", "a@gmail.com")
+    assert code == 1 and r["action"] == "quarantine" and "broken at line 1" in str(r["reason"])

@@ -284,7 +284,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         return EX_USAGE
     block = parse_header(data)
-    if not block.fields:
+    if not block.fields and not block.late:
         print(f"bccguard: {args.file} has no header fields (fix: pass an RFC 5322 message)", file=sys.stderr)
         return EX_USAGE
     mail_from = args.mail_from
