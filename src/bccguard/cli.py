@@ -425,7 +425,7 @@ def _print_human(r: dict[str, Any], n_rcpts: int) -> None:
     )
     if r.get("unparsed"):
         n = len(r["unparsed"])
-        print(f"text:     {n} pieces of To/Cc text with an '@' but no address (each counted)")
+        print(f"text:     {n} piece(s) of To/Cc text with an '@' but no address (each counted as external)")
     if r["hidden"]:
         print(f"hidden:   {r['hidden']}")
     if "headers" in r:
