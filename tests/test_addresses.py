@@ -37,7 +37,7 @@ def _expected(path: Path) -> dict[str, object]:
 
 def _seen(message: bytes) -> list[dict[str, object]]:
     return [
-        {"addr_spec": a.addr_spec, "valid": a.valid}
+        {"addr_spec": a.addr_spec, "valid": a.valid} | ({"in_text": True} if a.in_text else {})
         for a in visible_recipients(parse_header(message))
     ]
 

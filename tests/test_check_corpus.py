@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bccguard.policy.model import person_key
+
 CORPUS = Path(__file__).parent / "corpus"
 CASES = sorted(p for p in CORPUS.iterdir() if p.name.endswith((".eml", ".eml.gz")))
 
@@ -54,18 +56,38 @@ def test_check_json_over_the_corpus(path: Path, tmp_path: Path) -> None:
     )
     assert b"Traceback" not in proc.stderr
     # the 1 MB case lists only its first and last addresses, and how many
-    want = sorted({a["addr_spec"] for a in expected.get("visible", [])})
+    visible = expected.get("visible", [])
+    want = sorted({_key(a["addr_spec"]) for a in visible if a["valid"]})
+    unparsed = sorted({a["addr_spec"] for a in visible if not a["valid"]})
     count = expected.get("count")
     if proc.returncode == 2:  # no header fields at all: bad input, said in one line
         assert want == [] and proc.stderr.count(b"\n") == 1 and b"no header fields" in proc.stderr
         return
     assert proc.returncode in (0, 1), proc.stderr
+    proc.stdout.decode("utf-8")  # valid UTF-8, whatever bytes the message held (issue 13 item 9)
     result = json.loads(proc.stdout)
+    if "reply" in result:  # bare CR/LF or NUL: the relay refuses it at DATA, and check says so (item 8)
+        assert result["reply"].startswith(("550 5.6.0", "554 5.6.0")) and proc.returncode == 1
+        assert expected.get("refused") is True
+        return
+    assert "refused" not in expected
     if count is not None:
         assert len(result["visible_external"]) == count
         want = result["visible_external"]
         for a in expected["head"] + expected["tail"]:
             assert a["addr_spec"] in want
     assert result["visible_external"] == want
-    assert result["exposure"] is bool(want)
-    assert (proc.returncode == 1) is bool(want)
+    assert result["unparsed"] == _fffd(unparsed)
+    assert result["exposure"] is bool(want or unparsed)
+    assert (proc.returncode == 1) is bool(want or unparsed)
+
+
+def _key(addr_spec: str) -> str:
+    """The canonical form check prints: one spelling per person (issue 13 items 4 and 9)."""
+    local, _, domain = addr_spec.rpartition("@")
+    return person_key(local, domain)
+
+
+def _fffd(texts: list[str]) -> list[str]:
+    """What undecodable bytes look like in check's JSON: U+FFFD."""
+    return [t.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for t in texts]

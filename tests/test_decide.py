@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from bccguard.config import PolicySettings, from_dict
 from bccguard.policy.classify import classify, classify_rcpt, external_test, rcpt_external_test
-from bccguard.policy.decide import _extra_specs, decide_with
+from bccguard.policy.decide import decide_with
 from bccguard.policy.engine import evaluate
 from bccguard.policy.model import Action, Address, AddressClass, Envelope
 
@@ -170,14 +170,16 @@ def test_decide_counts_as_classify_says(visible: list[Address], rcpts: list[str]
     junk: set[str] = set()
     for a in visible:
         cls = classify(a, _SETTINGS)
-        if cls.is_external:
-            external.add(a.addr_spec)
-            junk.update(_extra_specs(a))
+        if not a.valid:  # text with an '@' and no address: one external each, listed apart
+            junk.add(a.addr_spec)
+        elif cls.is_external:
+            external.add(a.key)
             if cls is AddressClass.CONSUMER:
-                consumer.add(a.addr_spec)
+                consumer.add(a.key)
     external_rcpts = sum(1 for r in rcpts if classify_rcpt(r, _SETTINGS).is_external)
     exposure = external_rcpts > 0 and (len(external) + len(junk) > 1 or len(consumer) > 0)
     v = decide_with("r", _SETTINGS, Envelope("s@corp.example", tuple(rcpts)), visible)
-    assert v.visible == len({a.addr_spec for a in visible})
+    assert v.visible == len({a.key for a in visible})
     assert v.visible_external == tuple(sorted(external))
+    assert v.unparsed == tuple(sorted(junk))
     assert (v.visible_consumer, v.external_rcpts, v.exposure) == (len(consumer), external_rcpts, exposure)

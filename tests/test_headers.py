@@ -20,7 +20,8 @@ from bccguard.policy.headers import parse_header
         (b"\r\nTo: a\r\n", [], 2, b"\r\n"),
         (b"From x@y Mon Jan 1 00:00:00 2024\nTo: a\n\n", ["To"], 40, b"\n"),
         (b"To : a\nCC\t:b\n\n", ["To", "CC"], 14, b"\n"),
-        (b"garbage\nTo: a\nbad name: x\n: empty\n\n", ["To"], 35, b"\n"),
+        (b"garbage\nTo: a\nbad name: x\n: empty\n\n", [], 0, b"\n"),
+        (b"X: 1\ngarbage\nTo: a\n\nbody", ["X"], 5, b"\n"),
         (b" cont\nTo: a\n \t\n b\n\nTo: body\n", ["To"], 19, b"\n"),
         (b"X: \x00\xff\r\n\r\n", ["X"], 9, b"\r\n"),
     ],
@@ -93,6 +94,9 @@ def _line_by_line(message: bytes) -> tuple[list[tuple[str, int, int, str]], int,
     cur_end = 0
     pos = 0
     header_end = body_offset = n
+    late: list[tuple[str, int, int, str]] = []
+    broken = False
+    first = True
 
     def close() -> None:
         if cur is not None:
@@ -100,7 +104,8 @@ def _line_by_line(message: bytes) -> tuple[list[tuple[str, int, int, str]], int,
             raw = message[vstart:cur_end]
             if raw.endswith(b"\n"):
                 raw = raw[:-1].removesuffix(b"\r")
-            fields.append((name, start, cur_end, raw.decode("utf-8", "surrogateescape")))
+            text = raw.decode("utf-8", "surrogateescape")
+            (late if broken else fields).append((name, start, cur_end, text))
 
     while pos < n:
         nl = message.find(b"\n", pos)
@@ -109,7 +114,8 @@ def _line_by_line(message: bytes) -> tuple[list[tuple[str, int, int, str]], int,
         if content_end > pos and message[content_end - 1] == 0x0D and nl != -1:
             content_end -= 1
         if content_end == pos and nl != -1:
-            header_end, body_offset = pos, line_end
+            if not broken:
+                header_end, body_offset = pos, line_end
             break
         if message[pos] in (0x20, 0x09):
             if cur is not None:
@@ -123,6 +129,10 @@ def _line_by_line(message: bytes) -> tuple[list[tuple[str, int, int, str]], int,
             if name and all(33 <= b < 127 and b != 58 for b in name):
                 cur = (name.decode("ascii"), pos, pos + colon + 1)
                 cur_end = line_end
+            elif not broken and not (first and line.startswith(b"From ")):
+                broken = True  # a stray line: the MTA's header section ends here
+                header_end = body_offset = pos
+        first = False
         pos = line_end
     close()
     return fields, header_end, body_offset
@@ -143,3 +153,32 @@ def test_skipping_folded_lines_agrees_with_reading_line_by_line(message: bytes) 
     fields, header_end, body_offset = _line_by_line(message)
     assert [(f.name, f.start, f.end, f.value) for f in block.fields] == fields
     assert (block.header_end, block.body_offset) == (header_end, body_offset)
+
+
+@pytest.mark.parametrize(
+    ("message", "fields", "late", "broken_at", "header_end"),
+    [
+        # Issue 13 item 5: the header section ends where the MTA ends it ...
+        (b"From: a\r\njunk line\r\nTo: b\r\nCc: c\r\n\r\nTo: body\r\n", ["From"], ["To", "Cc"], 2, 9),
+        (
+            b"From: a\nSubject: s\n folded\nno colon here\n cont\nTo: b\n\n",
+            ["From", "Subject"], ["To"], 4, 27,
+        ),
+        (b"X: 1\nbad name: x\nTo: y\n", ["X"], ["To"], 2, 5),
+        # ... but a leading mbox From line is a file artefact, not a broken header
+        (b"From x@y Mon Jan 1 00:00:00 2024\nTo: a\n\n", ["To"], [], 0, 39),
+        (b"To: a\n\njunk\nCc: b\n", ["To"], [], 0, 6),
+    ],
+)
+def test_a_stray_line_ends_the_header_section_and_keeps_what_follows_apart(
+    message: bytes, fields: list[str], late: list[str], broken_at: int, header_end: int
+) -> None:
+    block = parse_header(message)
+    assert [f.name for f in block.fields] == fields
+    assert [f.name for f in block.late] == late
+    assert block.broken_at == broken_at
+    assert block.header_end == header_end
+    if broken_at:
+        assert block.body_offset == header_end
+        for f in block.late:
+            assert message[f.start :].startswith(f.name.encode())

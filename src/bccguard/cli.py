@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A",
         action="append",
         default=None,
-        help="envelope recipient, repeatable (default: every To, Cc and Bcc address)",
+        help="envelope recipient, repeatable (default: every To, Cc, Bcc, Resent-To, Resent-Cc "
+        "and Resent-Bcc address)",
     )
     passwd = sub.add_parser(
         "passwd",
@@ -115,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--show", action="store_true", help="print the header block as it would leave")
+    report = sub.add_parser(
+        "report",
+        help="what the relay would do with a batch of stored messages (Maildir, mbox, directory)",
+        description="Each message is checked as `bccguard check` does (envelope: From and every "
+        "To/Cc/Bcc/Resent-* address). Prints the messages enforcement would change and a summary; "
+        "counts only, never an address. Exit 0; 2: a path cannot be read.",
+    )
+    report.add_argument("paths", nargs="+", metavar="PATH", help="Maildir, mbox file, directory or .eml")
+    _config_arg(report)
+    report.add_argument("--json", action="store_true", help="print one JSON object: summary and messages")
+    report.add_argument("--all", action="store_true", help="list every message, not only the changed ones")
+    report.add_argument(
+        "--glob", default="*", metavar="PATTERN", help="in directories, read only these file names"
+    )
     _quarantine_parser(sub)
     _console_parser(sub)
     return parser
@@ -189,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args)
         if args.command == "passwd":
             return cmd_passwd(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "quarantine" and args.quarantine_command:
             return cmd_quarantine(args)
         if args.command == "console":
@@ -500,7 +517,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         return EX_USAGE
     block = parse_header(data)
-    if not block.fields:
+    if not block.fields and not block.late:
         print(f"bccguard: {args.file} has no header fields (fix: pass an RFC 5322 message)", file=sys.stderr)
         return EX_USAGE
     mail_from = args.mail_from
@@ -509,8 +526,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         mail_from = sender.address.addr_spec if sender is not None and sender.address.valid else ""
     rcpts = args.rcpt
     if rcpts is None:
+        # Who a sending client would put in RCPT TO: every routing address of
+        # the recipient fields (Resent-* too: a re-sent newsletter addresses
+        # its Resent-To); never text seen in a display name.
         rcpts = list(
-            dict.fromkeys(a.addr_spec for a in header_recipients(block, ("to", "cc", "bcc")) if a.valid)
+            dict.fromkeys(
+                a.addr_spec
+                for a in header_recipients(block, ENVELOPE_FIELDS)
+                if a.valid and not a.in_text
+            )
         )
     if not rcpts:
         print(
@@ -518,6 +542,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EX_USAGE
+    refused = refusal(data)
+    if refused is not None:
+        return _print_result(args, _refused_result(refused, len(rcpts)), len(rcpts), EX_CHANGED)
     env = Envelope(mail_from=mail_from, rcpt_tos=tuple(rcpts), smtputf8=not data.isascii())
     outcome = evaluate(data, env, cfg.policy, _scan(data, env, cfg))
     v = outcome.verdict
@@ -527,6 +554,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "rule": v.rule,
         "visible": v.visible,
         "visible_external": list(v.visible_external),
+        "unparsed": list(v.unparsed),
         "visible_consumer": v.visible_consumer,
         "external_rcpts": v.external_rcpts,
         "hidden": v.hidden,
@@ -541,22 +569,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.show:
         out_block = parse_header(outcome.message)
         result["headers"] = outcome.message[: out_block.body_offset].decode("utf-8", "surrogateescape")
-    code = EX_CHANGED if v.changes_message else EX_OK
     _warn(cfg)
-    try:
-        if args.json:
-            text = json.dumps(result, ensure_ascii=False)
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # undecodable 8-bit bytes in the message: escape, stay valid JSON
-                text = json.dumps(result, ensure_ascii=True)
-            print(text)
-        else:
-            _print_human(result, len(rcpts))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _stdout_closed()  # `check ... | head -1`: the reader has what it wanted; the verdict stands
-    return code
+    return _print_result(args, result, len(rcpts), EX_CHANGED if v.changes_message else EX_OK)
 
 
 def _warn(cfg: Config) -> None:
@@ -588,6 +602,80 @@ def _scan(data: bytes, env: Any, cfg: Any) -> Any:
     return scan_now(data, settings) if in_scope(env, settings) else None
 
 
+ENVELOPE_FIELDS = ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc")
+
+
+def refusal(data: bytes) -> str | None:
+    """The relay's DATA refusal for these bytes (bare CR/LF, over-long body line), or None.
+
+    A file whose lines all end in LF alone is how mail sits on disk: a client
+    sends it with CRLF, so it is judged that way. A CR anywhere means the
+    file carries its wire line endings, and a bare CR or LF among them is
+    what the relay refuses with `550 5.6.0`.
+    """
+    from bccguard.smtp.server import check_content
+
+    wire = data if b"\r" in data else data.replace(b"\n", b"\r\n")
+    return check_content(wire)
+
+
+def _refused_result(reply: str, n_rcpts: int) -> dict[str, Any]:
+    return {
+        "action": "reject",
+        "exposure": False,
+        "rule": "smtp",
+        "visible": 0,
+        "visible_external": [],
+        "unparsed": [],
+        "visible_consumer": 0,
+        "external_rcpts": 0,
+        "hidden": 0,
+        "would": None,
+        "reason": f"refused at DATA before any policy: {reply}",
+        "reply": reply,
+        "signed": False,
+    }
+
+
+def json_text(result: Any) -> str:
+    """One JSON document that is valid UTF-8 whatever the message held.
+
+    Header bytes that are not UTF-8 travel as lone surrogates
+    (surrogateescape); they become U+FFFD here, never `\\udcxx` escapes
+    that strict JSON parsers refuse.
+    """
+    text = json.dumps(result, ensure_ascii=False)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _print_result(args: argparse.Namespace, result: dict[str, Any], n_rcpts: int, code: int) -> int:
+    try:
+        if args.json:
+            print(json_text(result))
+        else:
+            _print_human(result, n_rcpts)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_closed()  # `check ... | head -1`: the reader has what it wanted; the verdict stands
+    return code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bccguard.report import ReportError, as_json, render_table, report
+
+    cfg = load(args.config)
+    try:
+        rows = report(args.paths, cfg.policy, args.glob)
+    except ReportError as exc:
+        print(f"bccguard: {exc}", file=sys.stderr)
+        return EX_USAGE
+    if args.json:
+        print(json_text(as_json(rows)))
+    else:
+        render_table(rows, sys.stdout, all_rows=args.all)
+    return EX_OK
+
+
 def _print_human(r: dict[str, Any], n_rcpts: int) -> None:
     verb = {
         "pass": "would go out unchanged",
@@ -598,6 +686,8 @@ def _print_human(r: dict[str, Any], n_rcpts: int) -> None:
         "quarantine": "would be held in quarantine for an admin",
         "reject": "would be refused",
     }[r["action"]]
+    if "reply" in r:
+        verb = f"would be refused by the relay: {r['reply']}"
     print(f"action:   {r['action']} ({verb})")
     print(f"rule:     {r['rule']}")
     print(f"exposure: {'yes' if r['exposure'] else 'no'}" + (f" - {r['reason']}" if r["reason"] else ""))
@@ -605,6 +695,9 @@ def _print_human(r: dict[str, Any], n_rcpts: int) -> None:
         f"visible:  {r['visible']} distinct addresses, {len(r['visible_external'])} external, "
         f"{r['visible_consumer']} personal mailboxes; {n_rcpts} envelope recipients"
     )
+    if r.get("unparsed"):
+        n = len(r["unparsed"])
+        print(f"text:     {n} piece(s) of To/Cc text with an '@' but no address (each counted as external)")
     if r["hidden"]:
         print(f"hidden:   {r['hidden']}")
     if "dlp" in r:

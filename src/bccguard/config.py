@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bccguard.policy.domains import normalize_domain
-from bccguard.policy.model import Action, OnSigned, RewriteTo
+from bccguard.policy.model import Action, BusinessReplies, OnMalformed, OnSigned, RewriteTo
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -587,6 +587,12 @@ class PolicySettings:
     # by default: privacy first, and the corporate MTA behind bccguard
     # usually signs again (see policy/dkim.py for the reasoning).
     on_signed: OnSigned = OnSigned.REWRITE
+    # An exposure in recipient fields after a line that ended the header
+    # section (the MTA delivers them as body text, which bccguard never edits).
+    on_malformed: OnMalformed = OnMalformed.QUARANTINE
+    # A reply (In-Reply-To or References) that shows no consumer address is a
+    # business thread ("pass"), or counted like any message ("count").
+    business_replies: BusinessReplies = BusinessReplies.PASS
     # Not a [policy] key: the [dlp] section, merged with a rule's `dlp_<key>`
     # overrides, so the engine reads one settings object per rule.
     dlp: DlpSettings = field(default_factory=DlpSettings, metadata={"internal": True})

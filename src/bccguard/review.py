@@ -31,6 +31,7 @@ from bccguard.policy.engine import rewrite_for, split_for
 from bccguard.policy.headers import parse_header
 from bccguard.policy.model import Action
 from bccguard.policy.notice import display_subject
+from bccguard.policy.rewrite import drop_bcc
 from bccguard.policy.split import render
 from bccguard.store.durable import check_id
 from bccguard.store.quarantine import Entry, Quarantine
@@ -241,7 +242,8 @@ async def _release(
     if via:
         ctx["via"] = via
     how = "as it was"
-    sends: list[tuple[tuple[str, ...], bytes]] = [(env.rcpt_tos, data)]
+    # As every forwarded message: without Bcc/Resent-Bcc (the envelope keeps those recipients).
+    sends: list[tuple[tuple[str, ...], bytes]] = [(env.rcpt_tos, drop_bcc(data, parse_header(data)))]
     if rewrite:
         block = parse_header(data)
         rule, settings = select_rule(cfg.policy, env)

@@ -13,7 +13,14 @@ move strictly forward, so the cost is linear in the header size.
 
 Safety rules, because policy counts what this returns:
 - Malformed text is never dropped: each malformed element between commas
-  becomes an `Address(valid=False)` (policy treats those as external).
+  becomes an `Address(valid=False)` (kept for the rewrite), and every
+  `local@domain` string a reader sees in it counts as an address of its own
+  (`Mailbox.seen`, see reader.py); one with an '@' but no such string counts
+  as one external address; one with no '@' at all (`Smith` of an unquoted
+  `Smith, Ann <ann@x>`) is not an address and counts as nothing.
+- Display names, comments and encoded words are read as a mail reader shows
+  them: an address-like string there is visible too (`Mailbox.seen`), though
+  never the element's routing address.
 - Elements holding only whitespace or comments (obs-addr-list) are skipped.
 - Unterminated quoted strings and comments run to the end of the value (so
   commas inside them never split), as do unclosed angle brackets; the
@@ -34,6 +41,7 @@ from dataclasses import dataclass
 from bccguard.policy.domains import normalize_domain
 from bccguard.policy.headers import HeaderBlock
 from bccguard.policy.model import Address
+from bccguard.policy.reader import address_like, at_signs, reader_text
 
 RECIPIENT_FIELDS = ("to", "cc", "resent-to", "resent-cc")
 
@@ -45,6 +53,11 @@ class Mailbox:
     address: Address
     start: int
     end: int
+    # What else a reader sees in this element and counts: address-like text
+    # in its display name or comments (never the routing address again), or,
+    # for a malformed element, each address in it (or the element itself
+    # when it holds an '@' but no address).
+    seen: tuple[Address, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +68,35 @@ class Group:
     members: tuple[Mailbox, ...]
     start: int
     end: int
+    seen: tuple[Address, ...] = ()  # address-like text in the display name
+
+
+def _seen(address: Address, raw: str) -> tuple[Address, ...]:
+    """`Mailbox.seen` for an element: distinct address-like strings, minus the routing address."""
+    if address.valid and at_signs(raw) <= 1:
+        return ()  # the one at-sign a reader sees is the routing address's own
+    found = address_like(raw)
+    keys = {address.key} if address.valid else set()
+    out: list[Address] = []
+    for a in found:
+        k = a.key
+        if k not in keys:
+            keys.add(k)
+            out.append(a)
+    if not address.valid and not out and "@" in reader_text(raw):
+        out.append(address)  # an '@' but no address: one external destination nobody vouched for
+    return tuple(out)
+
+
+def _needs_reading(raw: str) -> bool:
+    """True when a well-formed element may show more than its routing address.
+
+    The one '@' of a plain ASCII element is its addr-spec's; anything else
+    (a second '@', an encoded word, non-ASCII text that may hold a look-alike
+    at-sign) is read as a reader would. Cheap: the 10,000-address To of a
+    mail merge takes the False branch for every element.
+    """
+    return raw.count("@") > 1 or "=?" in raw or not raw.isascii()
 
 
 Item = Mailbox | Group
@@ -71,7 +113,9 @@ Item = Mailbox | Group
 # whatever they refuse, it parses instead.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = rf"{_ATEXT}++(?:\.{_ATEXT}++)*+"
-_QWORD = r'"[^"\\\r\n]*+"'
+# No '@' and no non-ASCII in tier 1's quoted words: a display name that may
+# show an address goes to tier 2, which reads it as a mail reader would.
+_QWORD = r'"[^"\\\r\n@\x80-\U0010ffff]*+"'
 _WORD = rf"(?:{_ATEXT}++|{_QWORD})"
 _FWS = r"[ \t\r\n]*+"
 _FAST = re.compile(
@@ -315,11 +359,12 @@ def _mailbox(value: str, toks: list[Token], ok: bool) -> Mailbox | None:
     ok = ok and all(t[3] for t in toks[lo:hi])
     parsed = _parse_mailbox(value, sig) if ok else None
     if parsed is None:
-        return Mailbox(_invalid(value, start, end), start, end)
+        bad = _invalid(value, start, end)
+        return Mailbox(bad, start, end, _seen(bad, bad.raw))
     local, domain, display = parsed
     raw = value[start:end]
     address = Address(local, normalize_domain(domain), raw, display, True)
-    return Mailbox(address, start, end)
+    return Mailbox(address, start, end, _seen(address, raw) if _needs_reading(raw) else ())
 
 
 def _parse_mailbox(value: str, sig: list[Token]) -> tuple[str, str, str | None] | None:
@@ -362,7 +407,15 @@ def _medium(value: str, pos: int) -> tuple[Mailbox, int] | None:
     raw = raw.rstrip(" \t\r\n")  # the trailing CFWS may end in blanks
     domain = _mclean(domain).removesuffix(".")
     address = Address(_mclean(local), normalize_domain(domain), raw, display, True)
+    # _needs_reading, inlined: tier 2 takes most elements of a mixed list
+    if raw.count("@") > 1 or "=?" in raw or not raw.isascii():
+        return Mailbox(address, start, start + len(raw), _seen(address, raw)), m.end()
     return Mailbox(address, start, start + len(raw)), m.end()
+
+
+def _group_seen(text: str) -> tuple[Address, ...]:
+    """What a group's name (with its comments, up to the ':') shows."""
+    return tuple(address_like(text)) if at_signs(text) else ()
 
 
 def _slow_item(value: str, pos: int, items: list[Item], fast: bool = True) -> int:
@@ -406,8 +459,9 @@ def _slow_item(value: str, pos: int, items: list[Item], fast: bool = True) -> in
                 pos = found[1]
                 if value[pos - 1] != ";":
                     continue
-                display, gstart, _, members = group
-                items.append(Group(display, tuple(members), gstart, pos))
+                display, gstart, colon_end, members = group
+                seen = _group_seen(value[gstart:colon_end])
+                items.append(Group(display, tuple(members), gstart, pos, seen))
                 sep = _GROUP_TAIL.match(value, pos)
                 return sep.end() if sep is not None else pos
         tok = _next_token(value, pos)
@@ -427,17 +481,22 @@ def _slow_item(value: str, pos: int, items: list[Item], fast: bool = True) -> in
                 angle = False
             elif ch == ":" and not angle and group is None:
                 sig = [t for t in toks if _is_sig(t)]
-                if ok and _phrase_ok(value, sig) and all(t[3] for t in toks):
-                    gstart = next(t[1] for t in toks if t[0] != _WS)
-                    display = value[gstart : max(t[2] for t in sig)]
+                # A display name that is no phrase (only a comment, say) still
+                # makes a group: its members are what the reader sees listed.
+                if ok and (not sig or _phrase_ok(value, sig)) and all(t[3] for t in toks):
+                    shown = [t for t in toks if t[0] != _WS]
+                    gstart = shown[0][1] if shown else tok[1]
+                    last = sig or shown  # the phrase's end; a comment when it is all there is
+                    display = value[gstart : last[-1][2]] if last else ""
                     group = (display, gstart, pos, [])
                     toks = []
                     continue
             elif ch == ";" and not angle:
                 flush()
                 if group is not None:
-                    display, gstart, _, members = group
-                    items.append(Group(display, tuple(members), gstart, pos))
+                    display, gstart, colon_end, members = group
+                    seen = _group_seen(value[gstart:colon_end])
+                    items.append(Group(display, tuple(members), gstart, pos, seen))
                     # Take the comma after the group too, so the fast path resumes.
                     sep = _GROUP_TAIL.match(value, pos)
                     if sep is not None:
@@ -451,7 +510,7 @@ def _slow_item(value: str, pos: int, items: list[Item], fast: bool = True) -> in
         # No closing ';': the group runs to the end of the value.
         display, gstart, colon_end, members = group
         gend = members[-1].end if members else colon_end
-        items.append(Group(display, tuple(members), gstart, gend))
+        items.append(Group(display, tuple(members), gstart, gend, _group_seen(value[gstart:colon_end])))
     return n
 
 
@@ -508,8 +567,31 @@ def parse_fields(block: HeaderBlock, names: Iterable[str] = RECIPIENT_FIELDS) ->
 
 
 def addresses_of(parsed: dict[int, list[Item]]) -> list[Address]:
-    """Every mailbox of `parse_fields` output, in message order, duplicates kept."""
-    return [mb.address for items in parsed.values() for mb in _mailboxes(items)]
+    """Every address a reader sees in `parse_fields` output, in message order, duplicates kept.
+
+    A well-formed mailbox gives its routing address, then whatever its
+    display name and comments show (`Mailbox.seen`); a malformed one gives
+    only what it shows; a group's display name counts too.
+    """
+    out: list[Address] = []
+    append = out.append
+    for items in parsed.values():
+        for item in items:
+            if type(item) is Mailbox:
+                if item.address.valid:
+                    append(item.address)
+                if item.seen:
+                    out.extend(item.seen)
+            else:
+                assert isinstance(item, Group)
+                if item.seen:
+                    out.extend(item.seen)
+                for mb in item.members:
+                    if mb.address.valid:
+                        append(mb.address)
+                    if mb.seen:
+                        out.extend(mb.seen)
+    return out
 
 
 def header_recipients(block: HeaderBlock, names: Iterable[str]) -> list[Address]:
@@ -517,9 +599,17 @@ def header_recipients(block: HeaderBlock, names: Iterable[str]) -> list[Address]
     return addresses_of(parse_fields(block, names))
 
 
+def late_recipients(block: HeaderBlock) -> tuple[Address, ...]:
+    """What To/Cc/Resent-To/Resent-Cc after a broken header line show (body text to the MTA)."""
+    if not block.late:
+        return ()
+    late = {i: parse_address_list(f.value) for i, f in enumerate(block.late) if f.lname in RECIPIENT_FIELDS}
+    return tuple(addresses_of(late))
+
+
 def visible_recipients(block: HeaderBlock) -> list[Address]:
-    """Every mailbox in To/Cc/Resent-To/Resent-Cc: what the recipients get to see."""
-    return header_recipients(block, RECIPIENT_FIELDS)
+    """Every address To/Cc/Resent-To/Resent-Cc show the recipients, after a stray line too."""
+    return header_recipients(block, RECIPIENT_FIELDS) + list(late_recipients(block))
 
 
 def first_from(block: HeaderBlock) -> Mailbox | None:

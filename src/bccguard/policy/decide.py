@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 
 from bccguard.config import PolicyConfig, PolicySettings
 from bccguard.policy.classify import classify_domain, rcpt_external_test
-from bccguard.policy.model import Action, Address, AddressClass, Envelope, Verdict
+from bccguard.policy.model import Action, Address, AddressClass, BusinessReplies, Envelope, Verdict
 
 DEFAULT_RULE = "default"
 
@@ -43,61 +43,66 @@ def select_rule(policy: PolicyConfig, envelope: Envelope) -> tuple[str, PolicySe
     return DEFAULT_RULE, policy.defaults
 
 
-def _extra_specs(a: Address) -> list[str]:
-    """Malformed text like `a@x b@y c@z` (no commas) may hide several addresses.
-
-    Counting each further `@` in it as one more external address errs on the
-    side of the customers: a list mangled on purpose cannot slip under the
-    threshold. These only count; they are never reported as addresses.
-    """
-    if a.valid:
-        return []
-    n = max(a.raw.count("@"), a.local.count("@") + (1 if a.domain else 0))
-    return [f"{a.addr_spec}#{k}" for k in range(1, n)]
-
-
-def decide(envelope: Envelope, visible: Sequence[Address], policy: PolicyConfig) -> Verdict:
+def decide(
+    envelope: Envelope, visible: Sequence[Address], policy: PolicyConfig, *, reply: bool = False
+) -> Verdict:
     rule, settings = select_rule(policy, envelope)
-    return decide_with(rule, settings, envelope, visible)
+    return decide_with(rule, settings, envelope, visible, reply=reply)
 
 
 def decide_with(
-    rule: str, settings: PolicySettings, envelope: Envelope, visible: Sequence[Address]
+    rule: str,
+    settings: PolicySettings,
+    envelope: Envelope,
+    visible: Sequence[Address],
+    *,
+    reply: bool = False,
 ) -> Verdict:
-    """`decide` for a rule already selected: the engine selects once and reuses the settings."""
+    """`decide` for a rule already selected: the engine selects once and reuses the settings.
+
+    Addresses are counted once per person (`Address.key`: `Alice@x`,
+    `"alice"@x` and `alice@x` are one). Malformed text that holds an '@'
+    but no address (the parser passes only such text as invalid) counts as
+    one external address each, listed in `unparsed`. `reply`: the message
+    has In-Reply-To or References; with `business_replies = "pass"` a reply
+    that shows no consumer address is a business thread, not an exposure.
+    """
     external: set[str] = set()
     consumer: set[str] = set()
     distinct: set[str] = set()
-    hidden_in_junk: set[str] = set()  # extra addresses that malformed text may hold
+    unparsed: set[str] = set()
     # `classify` per address, by hand: one classify_domain per distinct domain
     # (its cache key hashes all of `settings`), identity tests on the class.
     classes: dict[str, AddressClass] = {}
     ext_cls, consumer_cls = AddressClass.EXTERNAL, AddressClass.CONSUMER
     for a in visible:
-        spec = a.addr_spec
-        distinct.add(spec)
         if not a.valid:  # classify: malformed text counts as external, never consumer
-            external.add(spec)
-            hidden_in_junk.update(_extra_specs(a))
+            unparsed.add(a.addr_spec)
             continue
+        local = a.local  # Address.key, inlined: this loop runs once per visible address
+        key = a.key if '"' in local else f"{local.lower()}@{a.domain}"
+        distinct.add(key)
         cls = classes.get(a.domain)
         if cls is None:
             cls = classes[a.domain] = classify_domain(a.domain, settings)
         if cls is ext_cls or cls is consumer_cls:
-            external.add(spec)
+            external.add(key)
             if cls is consumer_cls:
-                consumer.add(spec)
+                consumer.add(key)
     external_rcpts = sum(map(rcpt_external_test(settings), envelope.rcpt_tos))
-    n_external = len(external) + len(hidden_in_junk)
+    n_external = len(external) + len(unparsed)
     too_many = n_external > settings.max_visible_external or len(consumer) > settings.max_visible_consumer
+    if reply and not consumer and settings.business_replies is BusinessReplies.PASS:
+        too_many = False
     exposure = external_rcpts > 0 and too_many
     common = {
         "rule": rule,
         "exposure": exposure,
-        "visible": len(distinct),
+        "visible": len(distinct) + len(unparsed),
         "visible_external": tuple(sorted(external)),
         "visible_consumer": len(consumer),
         "external_rcpts": external_rcpts,
+        "unparsed": tuple(sorted(unparsed)),
     }
     if not exposure:
         return Verdict(action=Action.PASS, **common)  # type: ignore[arg-type]
@@ -107,11 +112,11 @@ def decide_with(
         return Verdict(
             action=action,
             would=Action.REWRITE,
-            hidden=len(external),
+            hidden=n_external,
             reason=reason,
             **common,  # type: ignore[arg-type]
         )
-    hidden = len(external) if action in (Action.REWRITE, Action.SPLIT) else 0
+    hidden = n_external if action in (Action.REWRITE, Action.SPLIT) else 0
     return Verdict(action=action, hidden=hidden, reason=reason, **common)  # type: ignore[arg-type]
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bccguard.config import PolicyConfig, PolicySettings
-from bccguard.policy.addresses import Item, addresses_of, first_from, parse_fields
+from bccguard.policy.addresses import (
+    Item,
+    Mailbox,
+    addresses_of,
+    first_from,
+    late_recipients,
+    parse_fields,
+)
 from bccguard.policy.classify import envelope_domain, external_test, rcpt_external_test
 from bccguard.policy.decide import decide_with, select_rule
 from bccguard.policy.dkim import breaks_signature, signed_fields
@@ -17,7 +24,7 @@ from bccguard.policy.dlp.model import Findings
 from bccguard.policy.dlp.verdict import with_findings
 from bccguard.policy.headers import HeaderBlock, parse_header
 from bccguard.policy.model import Action, Address, Envelope, RewriteTo, Verdict
-from bccguard.policy.rewrite import rewrite_headers
+from bccguard.policy.rewrite import drop_bcc, rewrite_headers
 from bccguard.policy.split import SplitPlan, plan_split
 
 UNDISCLOSED = "undisclosed-recipients:;"
@@ -28,8 +35,17 @@ class Outcome:
     verdict: Verdict
     block: HeaderBlock
     visible: tuple[Address, ...]
-    message: bytes  # what goes upstream: the original, or the rewritten copy for REWRITE/SPLIT
+    # What goes upstream: the original without its Bcc/Resent-Bcc fields (PASS,
+    # AUDIT; the very same bytes when it has none), or the rewritten copy
+    # (REWRITE/SPLIT); the original itself for QUARANTINE/REJECT. An edge that
+    # only edits headers (a milter) applies the difference of the header blocks.
+    message: bytes
     split: SplitPlan | None = None  # SPLIT only: the copies, rendered from the original
+
+
+def _text_of(mb: Mailbox) -> str:
+    """A mailbox's header text, or its bare address when its display name shows another one."""
+    return f"<{mb.address.addr_spec}>" if mb.seen else mb.address.raw
 
 
 def to_fallback(block: HeaderBlock, envelope: Envelope, settings: PolicySettings) -> str:
@@ -37,7 +53,7 @@ def to_fallback(block: HeaderBlock, envelope: Envelope, settings: PolicySettings
     if settings.rewrite_to is RewriteTo.SENDER:
         sender = first_from(block)
         if sender is not None and sender.address.valid:
-            return sender.address.raw
+            return _text_of(sender)
         if envelope.mail_from:
             return f"<{envelope.mail_from}>"
     return UNDISCLOSED
@@ -48,7 +64,11 @@ def reply_to_for(block: HeaderBlock, settings: PolicySettings) -> str | None:
     if not settings.reply_to_sender or block.get_all("reply-to"):
         return None
     sender = first_from(block)
-    return sender.address.raw if sender is not None else None
+    return _text_of(sender) if sender is not None else None
+
+
+_BCC_FIELDS = frozenset({"bcc", "resent-bcc"})
+_REPLY_FIELDS = frozenset({"in-reply-to", "references"})
 
 
 def evaluate(
@@ -58,8 +78,16 @@ def evaluate(
     block = parse_header(message)
     parsed = parse_fields(block)  # once: decide and the rewrite read the same parse
     visible = tuple(addresses_of(parsed))
+    late = late_recipients(block)
+    if late:
+        visible += late
     rule, settings = select_rule(policy, envelope)  # once: every step below uses the same rule
-    verdict = decide_with(rule, settings, envelope, visible)
+    reply = any(f.lname in _REPLY_FIELDS for f in block.fields)
+    verdict = decide_with(rule, settings, envelope, visible, reply=reply)
+    if late and verdict.exposure:
+        is_external = external_test(settings)
+        if any(map(is_external, late)):
+            verdict = _on_malformed(verdict, block, settings)
     if findings is not None:  # [dlp]: the stricter of the two verdicts wins
         verdict = with_findings(verdict, findings, settings.dlp)
     out = message
@@ -76,7 +104,30 @@ def evaluate(
             verdict, out = _on_signed(verdict, message, out, settings)
     if verdict.action is Action.SPLIT:
         split = split_for(block, visible, envelope, settings, verdict)
+    elif (
+        out is message
+        and verdict.action in (Action.PASS, Action.AUDIT)
+        and any(f.lname in _BCC_FIELDS for f in block.fields)
+    ):
+        out = drop_bcc(message, block)  # as Postfix's cleanup: the envelope keeps them
     return Outcome(verdict=verdict, block=block, visible=visible, message=out, split=split)
+
+
+def _on_malformed(verdict: Verdict, block: HeaderBlock, settings: PolicySettings) -> Verdict:
+    """An exposure shows in recipient fields the MTA delivers as body: no rewrite can hide it."""
+    instead = Action(settings.on_malformed.value)
+    reason = (
+        f"{verdict.reason} (the header section is broken at line {block.broken_at}, a line that is "
+        "neither a header field nor a continuation: To/Cc after it reach recipients as body text, "
+        "which bccguard does not edit)"
+    )
+    if verdict.action is Action.PASS:
+        return verdict
+    if verdict.action is Action.AUDIT:
+        return replace(verdict, would=instead, reason=reason)
+    if verdict.action in (Action.QUARANTINE, Action.REJECT):
+        return replace(verdict, reason=reason)
+    return replace(verdict, action=instead, hidden=0, reason=reason)
 
 
 def split_for(
@@ -90,7 +141,7 @@ def split_for(
     return plan_split(
         visible,
         envelope.rcpt_tos,
-        hide=verdict.visible_external,
+        hide=verdict.visible_external + verdict.unparsed,
         is_external=rcpt_external_test(settings),
         domain_of=envelope_domain,
         to_fallback=to_fallback(block, envelope, settings),

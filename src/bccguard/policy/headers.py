@@ -11,11 +11,15 @@ under-inspecting leaks addresses):
 
 - The block ends at the first empty line (`\\n` or `\\r\\n` alone). A line
   holding only blanks is a continuation line (obs-FWS), not the end.
-- A leading mbox `From ` line is skipped, as are garbage lines (no colon,
-  or a name with characters outside RFC 5322 ftext): they stay in the block,
-  byte for byte, but are not fields. Unlike Postfix and Python's feedparser,
-  a garbage line does not end the block, so a `To:` after it is still seen.
-  Continuation lines after a garbage line belong to that garbage.
+- A leading mbox `From ` line (and a continuation line at the very top) is
+  skipped: it stays byte for byte but is not a field.
+- Any other line that is neither a field nor a continuation line (no colon,
+  or a name with characters outside RFC 5322 ftext) ends the header section
+  there, as Postfix's cleanup and Python's feedparser end it: what follows
+  is body to the MTA, so a rewrite must never edit it (`header_end` and
+  `body_offset` point at that stray line). But the recipient still reads it:
+  the field-shaped lines after it, up to the first empty line, are kept in
+  `late` so policy can count the To/Cc a reader sees there.
 - Whitespace between name and colon (`To : x`, RFC 5322 4.5) is accepted.
 - LF-only files, a missing body and a missing final newline are fine.
 """
@@ -58,6 +62,11 @@ class HeaderBlock:
     body_offset: int  # first body byte (after the blank line); len(message) if none
     eol: bytes  # b"\r\n" or b"\n": the message's own line ending style
     header_end: int = -1
+    # Set when a stray line ended the header section early: the 1-based line
+    # number of that line, and the field-shaped lines after it (up to the
+    # first empty line), which the MTA delivers as body text.
+    broken_at: int = 0
+    late: tuple[Field, ...] = ()
 
     def get_all(self, lname: str) -> list[Field]:
         """Every field called `lname` (case-insensitive), in message order."""
@@ -89,6 +98,9 @@ def parse_header(message: bytes) -> HeaderBlock:
     eol = _eol_of(message)
     n = len(message)
     fields: list[Field] = []
+    late: list[Field] = []
+    broken_at = 0
+    line_no = 0
     # The field being collected: (name, start, value_start); continuation
     # lines only extend it, so its end is the end of the last line seen.
     cur: tuple[str, int, int] | None = None
@@ -107,7 +119,7 @@ def parse_header(message: bytes) -> HeaderBlock:
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
         value = raw.decode("utf-8", "surrogateescape")
-        fields.append(Field(name, name.lower(), start, cur_end, value))
+        (late if broken_at else fields).append(Field(name, name.lower(), start, cur_end, value))
 
     while pos < n:
         nl = message.find(b"\n", pos)
@@ -117,24 +129,31 @@ def parse_header(message: bytes) -> HeaderBlock:
             content_end -= 1
         if content_end == pos and nl != -1:
             # The empty line: the header block ends here, the body follows it.
-            header_end = pos
-            body_offset = line_end
+            if not broken_at:
+                header_end = pos
+                body_offset = line_end
             break
+        line_no += 1
         if message[pos] not in (0x20, 0x09):
             close()
             cur = None
-            # An mbox "From sender date" line fails here too: its "name" has spaces.
             parsed = _field_name(message[pos:content_end])
             if parsed is not None:
                 name, colon = parsed
                 cur = (name, pos, pos + colon + 1)
+            elif not broken_at and not (line_no == 1 and message.startswith(b"From ", pos)):
+                # A stray line: the MTA's header section ends here (an mbox
+                # "From sender date" line on top is a file artefact, skipped).
+                broken_at = line_no
+                header_end = body_offset = pos
         # This line and the continuation lines folded under it, in one search
         # (a 100-address To folded once per address was 100 trips round this
         # loop). So a line starting with WSP only gets here at the very top,
         # where it continues nothing and is skipped as before.
         m = _UNFOLDED_EOL.search(message, line_end - 1 if nl != -1 else n)
         line_end = n if m is None else m.end()
+        line_no += message.count(b"\n", pos, line_end - 1) if line_end - pos > 1 else 0
         cur_end = line_end
         pos = line_end
     close()
-    return HeaderBlock(tuple(fields), body_offset, eol, header_end)
+    return HeaderBlock(tuple(fields), body_offset, eol, header_end, broken_at, tuple(late))

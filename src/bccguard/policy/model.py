@@ -7,6 +7,7 @@ relay acts on.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -42,6 +43,20 @@ class OnSigned(StrEnum):
     REJECT = "reject"
 
 
+class OnMalformed(StrEnum):
+    """What to do with an exposure the rewrite cannot reach (recipient fields after a broken header)."""
+
+    QUARANTINE = "quarantine"
+    REJECT = "reject"
+
+
+class BusinessReplies(StrEnum):
+    """A reply (In-Reply-To/References) showing no consumer address: a business thread, or bulk mail?"""
+
+    PASS = "pass"  # noqa: S105 - a choice, not a password
+    COUNT = "count"
+
+
 class RewriteTo(StrEnum):
     SENDER = "sender"
     UNDISCLOSED = "undisclosed"
@@ -63,13 +78,43 @@ class Address:
     raw: str = ""
     display: str | None = None
     valid: bool = True
+    # Found in text a reader sees (display name, comment, encoded word,
+    # unparseable element), not the element's routing address: it counts,
+    # but nothing is ever delivered to it.
+    in_text: bool = False
 
     @property
     def addr_spec(self) -> str:
-        """The comparable form: local part as written, normalised domain."""
-        if not self.domain:
+        """Local part as written, normalised domain; malformed text: the text alone."""
+        if not self.domain or not self.valid:
             return self.local
         return f"{self.local}@{self.domain}"
+
+    @property
+    def key(self) -> str:
+        """The form two spellings of one person's mailbox share, for counting.
+
+        RFC 5322 3.2.4/3.4.1: `"alice"` and `alice` are the same local part;
+        case is the receiving host's business (RFC 5321 2.4), but no provider
+        hands `Alice` and `alice` to two people, and a reader sees one person.
+        """
+        if not self.valid:
+            return self.local
+        return person_key(self.local, self.domain)
+
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
+_DOT_ATOM = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
+def person_key(local: str, domain: str) -> str:
+    """`local@domain` with the local part unquoted when it is a dot-atom, then lower-cased."""
+    if local[:1] == '"' and local[-1:] == '"' and len(local) >= 2:
+        inner = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+        if _DOT_ATOM.fullmatch(inner):
+            local = inner
+    return f"{local.lower()}@{domain}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +153,9 @@ class Verdict:
 
     `action` is what the relay does. For `audit` it forwards unchanged and
     `would` names what enforcement would have done. `visible_external` is the
-    sorted, distinct external addr-specs seen in To/Cc/Resent-To/Resent-Cc;
+    sorted, distinct external addresses a reader sees in To/Cc/Resent-To/
+    Resent-Cc, one per person (`Address.key`); `unparsed` the text there
+    that holds an '@' but no address (each counted as one external);
     `hidden` is how many distinct addresses the rewrite removes (or would).
     """
 
@@ -124,6 +171,9 @@ class Verdict:
     reason: str = ""
     signed: bool = False
     dlp: DlpVerdict | None = None  # set when [dlp] scanned the message (enabled, in scope)
+    # Text in To/Cc that is not an address but holds an '@' and no address
+    # either: each counts as one external address, and is listed apart.
+    unparsed: tuple[str, ...] = ()
 
     @property
     def changes_message(self) -> bool:

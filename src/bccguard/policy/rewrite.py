@@ -1,16 +1,19 @@
 """Rewrite a message's recipient headers, touching nothing else.
 
-Only fields that lose a mailbox are rebuilt; every other byte (fields, their
-folding, garbage lines, the body) is copied from the original, so DKIM
-signatures over untouched fields survive and a diff shows only the change.
+Only fields that lose a mailbox (or text showing one) are rebuilt; every
+other byte (fields, their folding, garbage lines, the body) is copied from
+the original, so DKIM signatures over untouched fields survive and a diff
+shows only the change.
 
 Rebuilt fields keep each surviving mailbox's raw text (display names,
-comments, quoting) with folding removed, then are folded again at item
-boundaries: at most 78 octets a line where an item allows it, never more
-than 998 (RFC 5322 2.1.1). Folding only ever inserts a line break before
-existing whitespace, which unfolding removes again, so meaning is kept. The
-one exception is an item over 998 octets with no whitespace at all (only
-possible in files that already broke the limit): it is cut hard.
+comments, quoting) with folding removed; a kept mailbox whose display name
+or comments show a hidden address keeps only `<local@domain>`. Then they
+are folded again at item boundaries: at most 78 octets a line where an item
+allows it, never more than 998 (RFC 5322 2.1.1). Folding only ever inserts a
+line break before existing whitespace, which unfolding removes again, so
+meaning is kept. The one exception is an item over 998 octets with no
+whitespace at all (only possible in files that already broke the limit): it
+is cut hard.
 """
 
 from __future__ import annotations
@@ -95,15 +98,38 @@ def _fold(name: str, pieces: list[str], eol: str) -> bytes:
     return "".join(out).encode("utf-8", "surrogateescape")
 
 
-def _group_pieces(value: str, group: Group, members: list[Mailbox]) -> list[str]:
+def _group_pieces(display: str, members: list[str]) -> list[str]:
     """`Name: a, b;` as foldable pieces; a group left empty stays as `Name:;`."""
-    display = _flat(group.display)
     if not members:
         return [f"{display}:;"]
     pieces = [f"{display}:"]
-    pieces += [_flat(value[m.start : m.end]) + "," for m in members]
+    pieces += [m + "," for m in members]
     pieces[-1] = pieces[-1][:-1] + ";"
     return pieces
+
+
+def _element(
+    value: str, mb: Mailbox, hide: Callable[[Address], bool], removed: set[str]
+) -> tuple[str | None, bool]:
+    """What stays of one list element: its text, its bare address, or None (dropped).
+
+    A hidden routing address drops the element. A kept one whose display
+    name or comments show a hidden address keeps only `<local@domain>`: the
+    recipient still gets the mail, no reader sees the other address. A
+    malformed element goes when anything it shows is hidden, and otherwise
+    (text with no address at all, say) stays as written. The flag: changed.
+    """
+    a = mb.address
+    shown = [s for s in mb.seen if hide(s)] if mb.seen else []
+    removed.update(s.key for s in shown)
+    if a.valid:
+        if hide(a):
+            removed.add(a.key)
+            return None, True
+        if shown:
+            return f"<{a.local}@{a.domain}>", True
+        return _flat(value[mb.start : mb.end]), False
+    return (None, True) if shown else (_flat(value[mb.start : mb.end]), False)
 
 
 def _filter_field(
@@ -125,17 +151,31 @@ def _filter_field(
         if isinstance(item, Group):
             members = []
             for mb in item.members:
-                if hide(mb.address):
-                    removed.add(mb.address.addr_spec)
-                    hidden = True
-                else:
-                    members.append(mb)
-            kept.append(_group_pieces(value, item, members))
-        elif hide(item.address):
-            removed.add(item.address.addr_spec)
-            hidden = True
-        else:
-            kept.append([_flat(value[item.start : item.end])])
+                text, changed = _element(value, mb, hide, removed)
+                hidden = hidden or changed
+                if text is not None:
+                    members.append(text)
+            display = _flat(item.display)
+            bad = [s for s in item.seen if hide(s)]
+            if bad:  # the group's name itself shows a hidden address
+                removed.update(s.key for s in bad)
+                hidden = True
+                display = "undisclosed-recipients"
+            kept.append(_group_pieces(display, members))
+            continue
+        a = item.address
+        if not item.seen and a.valid:  # the usual element: inlined, this runs once per address
+            if hide(a):
+                local = a.local
+                removed.add(a.key if '"' in local else f"{local.lower()}@{a.domain}")
+                hidden = True
+            else:
+                kept.append([_flat(value[item.start : item.end])])
+            continue
+        text, changed = _element(value, item, hide, removed)
+        hidden = hidden or changed
+        if text is not None:
+            kept.append([text])
     if not hidden:
         return _KEEP
     if not kept:
@@ -167,6 +207,17 @@ def _assemble(message: bytes, block: HeaderBlock, plan: Plan, tail: bytes) -> by
     # The body joins the new header block in one copy (slicing it first, then
     # appending to a bytearray, then bytes() made three: 40 ms for 25 MB).
     return b"".join((out, memoryview(message)[header_end:]))
+
+
+def drop_bcc(message: bytes, block: HeaderBlock) -> bytes:
+    """`message` without its Bcc and Resent-Bcc fields, every other byte kept.
+
+    What Postfix's cleanup does to every message it forwards: a Bcc field
+    left in place shows each recipient the blind list. Returns `message`
+    itself (no copy) when there is none: the usual case costs nothing.
+    """
+    plan: Plan = {i: None for i, f in enumerate(block.fields) if f.lname in _BCC_FIELDS}
+    return _assemble(message, block, plan, b"") if plan else message
 
 
 def _stamp_field(stamp: str, eol: str) -> bytes:
@@ -248,6 +299,8 @@ def personalize(
     """
     if isinstance(recipient, str):
         text = recipient
+    elif isinstance(recipient, Mailbox) and recipient.seen:
+        text = f"<{recipient.address.addr_spec}>"  # its display name shows another address
     else:
         address = recipient.address if isinstance(recipient, Mailbox) else recipient
         text = address.raw if address.valid and address.raw else address.addr_spec

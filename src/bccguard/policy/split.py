@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bccguard.policy.headers import HeaderBlock, parse_header
-from bccguard.policy.model import Address
+from bccguard.policy.model import Address, person_key
+from bccguard.policy.reader import address_like
 from bccguard.policy.rewrite import personalize, rewrite_headers
 
 
@@ -43,7 +44,7 @@ class CopySpec:
 class SplitPlan:
     """Everything needed to render any copy from the original bytes."""
 
-    hide: frozenset[str]  # addr-specs removed from every copy's To/Cc (the visible externals)
+    hide: frozenset[str]  # `Address.key`s removed from every copy's To/Cc (the visible externals)
     to_fallback: str  # To of the shared copy when nothing visible is left in it
     stamp: str  # X-BCCGuard value
     reply_to: str | None  # Reply-To to add when absent (storm guard), or None
@@ -59,9 +60,14 @@ class SplitPlan:
         }
 
 
-def _key(local: str, domain: str) -> str:
-    """Envelope and header spellings compared loosely: local part case-folded."""
-    return f"{local.lower()}@{domain}"
+def _to_text(a: Address) -> str:
+    """The To of a personal copy: the header text, unless it shows another address too."""
+    raw = a.raw
+    if not raw:
+        return a.addr_spec
+    if any(x.key != a.key for x in address_like(raw)):
+        return f"<{a.addr_spec}>"
+    return raw
 
 
 def plan_split(
@@ -83,8 +89,10 @@ def plan_split(
     """
     headers: dict[str, str] = {}
     for a in visible:
-        if a.valid and a.domain:
-            headers.setdefault(_key(a.local, a.domain), a.raw or a.addr_spec)
+        if a.valid and a.domain and not a.in_text:
+            key = a.key
+            if key not in headers:
+                headers[key] = _to_text(a)
     copies: list[CopySpec] = []
     shared: list[str] = []
     seen: set[str] = set()
@@ -94,7 +102,7 @@ def plan_split(
         seen.add(r)
         if is_external(r):
             local, _, _ = r.rpartition("@")
-            to = headers.get(_key(local, domain_of(r)), r)
+            to = headers.get(person_key(local, domain_of(r)), r)
             copies.append(CopySpec(rcpts=(r,), to=to))
         else:
             shared.append(r)
@@ -120,19 +128,23 @@ def render(
         return message
     if block is None:
         block = parse_header(message)
-    hide = frozenset(render_spec["hide"])
+    hide = frozenset(render_spec["hide"])  # keys; entries spooled before 2026-12 hold addr-specs
+
+    def hidden(a: Address) -> bool:
+        return a.key in hide or a.addr_spec in hide
+
     reply_to = render_spec.get("reply_to")
     stamp = str(render_spec["stamp"])
     if to is None:
         out, _ = rewrite_headers(
             message,
             block,
-            lambda a: a.addr_spec in hide,
+            hidden,
             to_fallback=str(render_spec["to_fallback"]),
             stamp=stamp,
             reply_to=reply_to,
         )
         return out
     return personalize(
-        message, block, to, keep=lambda a: a.addr_spec not in hide, stamp=stamp, reply_to=reply_to
+        message, block, to, keep=lambda a: not hidden(a), stamp=stamp, reply_to=reply_to
     )
