@@ -130,9 +130,43 @@ async def test_a_relay_started_after_the_console_shows_up_through_the_glob(
         b1 = await hold(b, "from the late relay")
         page = (await adam.get("/")).body
         assert "2 held" in page and a1 in page and b1 in page and "from the late relay" in page
-        text = await act(adam, "delete", b1)
-        assert "deleted" in text
+        text = await act(adam, "delete", a1, b1)  # one bulk action over both directories
+        assert text.count("deleted") == 2 and "failed" not in text
+    assert a.runtime.quarantine.ids() == [] and [r["id"] for r in audit(vol / "relay-a")] == [a1]
     assert b.runtime.quarantine.ids() == [] and [r["id"] for r in audit(vol / "relay-b")] == [b1]
+
+
+async def test_purge_covers_every_directory_and_audits_each_in_its_own(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    vol = tmp_path / "vol"
+    a = await relay_in(start_relay, sink, vol / "relay-a")
+    b = await relay_in(start_relay, sink, vol / "relay-b")
+    a_old, a_new, b_old = await hold(a, "a old"), await hold(a, "a new"), await hold(b, "b old")
+    for directory, entry_id in ((vol / "relay-a", a_old), (vol / "relay-b", b_old)):
+        meta = directory / f"{entry_id}.json"
+        m = json.loads(meta.read_text())
+        m["time"] -= 40 * 86400  # held for 40 days
+        meta.write_text(json.dumps(m))
+    config = console_toml(tmp_path, sink.url, {"console": {"quarantine_paths": [str(vol / "*")]}})
+    await add_users(config)
+    async with running_console(config) as console:
+        rita, adam = Client(console.base), Client(console.base)
+        await rita.login("rita")
+        token = csrf_of((await rita.get("/")).body)
+        assert (await rita.post("/act", {"csrf": token, "action": "purge", "older_than": "1s"})).status == 403
+        await adam.login("adam")
+        token = csrf_of((await adam.get("/")).body)
+        done = await adam.post("/act", {"csrf": token, "action": "purge", "older_than": "30d"})
+        assert "2 messages purged" in (await adam.get(done.header("location"))).body
+    assert a.runtime.quarantine.ids() == [a_new] and b.runtime.quarantine.ids() == []
+    # the refused purge names no entry: it goes to the first directory's log, once
+    assert [(r["what"], r["result"], r["id"]) for r in audit(vol / "relay-a")] == [
+        ("purge", "forbidden", "-"),
+        ("purge", "removed", a_old),
+    ]
+    in_b = [(r["what"], r["result"], r["id"]) for r in audit(vol / "relay-b")]
+    assert in_b == [("purge", "removed", b_old)]
 
 
 async def test_an_id_held_in_two_directories_is_refused_not_guessed(
