@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bccguard.policy.headers import parse_header
-from conftest import StartRelay, message, send
+from conftest import StartRelay, deep_merge, message, send
 from console_helpers import Client, add_users, cli, console_toml, csrf_of, running_console
 from sink import Sink
 from test_quarantine_review import CUSTOMERS, QUARANTINE
@@ -98,12 +98,17 @@ async def test_partial_release_keeps_the_refused_and_says_so(
 async def test_one_console_sees_every_relay_and_sessions_end(
     start_relay: StartRelay, sink: Sink, tmp_path: Path
 ) -> None:
-    # two relays sharing one quarantine directory (conftest puts both under tmp_path)
-    relays = [await start_relay(sink.url, QUARANTINE), await start_relay(sink.url, QUARANTINE)]
+    # two relays on one shared volume, each with its own quarantine directory (one relay per
+    # directory: ops/instance.py refuses a second); the console reads both through a glob
+    vol = tmp_path / "vol"
+    relays = [await start_relay(sink.url, deep_merge(QUARANTINE, {"quarantine": {"path": str(vol / name)}}))
+              for name in ("relay-a", "relay-b")]  # fmt: skip
     for i, app in enumerate(relays):
         data = message(CUSTOMERS[:12], subject=f"relay {i}")
         await send(app.port, "news@corp.example", CUSTOMERS[:12], data)
-    config = console_toml(tmp_path, sink.url, {"console": {"session_ttl": "3s", "page_size": 1}})
+    assert [len(app.runtime.quarantine.ids()) for app in relays] == [1, 1]
+    settings = {"session_ttl": "3s", "page_size": 1, "quarantine_paths": [str(vol / "*")]}
+    config = console_toml(tmp_path, sink.url, {"console": settings})
     await add_users(config)
     async with running_console(config) as console:
         a, r = Client(console.base), Client(console.base)

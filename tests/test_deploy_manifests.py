@@ -358,7 +358,13 @@ def test_workload_pod_spec(kind: str) -> None:
     assert "/tmp" in mounts, "read-only root: give Python a writable /tmp"
     pvcs = {p["metadata"]["name"]: p for p in by_kind("PersistentVolumeClaim")}
     pvc = pvcs[volumes["quarantine"]["persistentVolumeClaim"]["claimName"]]
-    assert "ReadWriteMany" in pvc["spec"]["accessModes"], "one quarantine shared by the replicas"
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"], "one quarantine volume shared by the replicas"
+    # ... but one quarantine directory per relay (ops/instance.py refuses a second): each pod
+    # mounts its own sub-directory, named after the pod.
+    (qmount,) = [m for m in c["volumeMounts"] if m["name"] == "quarantine"]
+    assert qmount["subPathExpr"] == "$(POD_NAME)" and "subPath" not in qmount
+    env = {e["name"]: e for e in c.get("env", [])}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     if kind == "StatefulSet":
         (tmpl,) = spec["volumeClaimTemplates"]
         assert tmpl["metadata"]["name"] == "spool" and tmpl["spec"]["accessModes"] == ["ReadWriteOnce"]

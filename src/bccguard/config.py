@@ -440,6 +440,16 @@ class ConsoleTLSConfig:
 CONSOLE_USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+def _quarantine_paths(values: list[str]) -> tuple[str, ...]:
+    """Directories or globs; each a non-empty path (the shape was checked by the walker)."""
+    for v in values:
+        if not v.strip() or "\0" in v:
+            raise ValueError(f"{_describe(v)} is not a directory or a glob")
+    if len(set(values)) != len(values):
+        raise ValueError("lists a directory twice")
+    return tuple(values)
+
+
 @dataclass(frozen=True)
 class ConsoleConfig:
     """`bccguard console`: the web console over the quarantine, its own process.
@@ -465,6 +475,15 @@ class ConsoleConfig:
     login_window: float = field(
         default=900.0,
         metadata={**_check(parse_duration, 'a duration, e.g. "15m"'), "raw": True},
+    )
+    # Every quarantine directory the console shows (paths or globs such as
+    # "/var/lib/bccguard/quarantine/*", expanded on every request): relays on a
+    # shared volume each have their own directory. Empty: quarantine.path alone.
+    quarantine_paths: tuple[str, ...] = field(
+        default=(),
+        metadata=_check(
+            _quarantine_paths, 'a list of directories or globs, e.g. ["/var/lib/bccguard/quarantine/*"]'
+        ),
     )
     tls: ConsoleTLSConfig = field(default_factory=ConsoleTLSConfig)
 

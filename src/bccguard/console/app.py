@@ -16,6 +16,7 @@ worker threads so one slow release never stalls other pages.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import re
 import secrets
@@ -44,7 +45,8 @@ from bccguard.console import view
 from bccguard.console.metrics import ConsoleMetrics
 from bccguard.console.sessions import LoginLimiter, Session, Sessions, same
 from bccguard.store.durable import check_id
-from bccguard.store.quarantine import Quarantine
+from bccguard.store.quarantine import Entry, Quarantine
+from bccguard.store.quarantines import AmbiguousEntry, Quarantines
 
 log = structlog.get_logger("bccguard.console")
 
@@ -104,14 +106,19 @@ class Console:
     metrics: ConsoleMetrics
     sessions: Sessions = field(init=False)
     limiter: LoginLimiter = field(init=False)
-    q: Quarantine = field(init=False)
+    qs: Quarantines = field(init=False)
     flashes: dict[str, tuple[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         c = self.cfg.console
         self.sessions = Sessions(c.session_ttl)
         self.limiter = LoginLimiter(c.max_login_failures, c.login_window)
-        self.q = Quarantine(self.cfg.quarantine.path)
+        self.qs = Quarantines(c.quarantine_paths, self.cfg.quarantine.path)
+
+    def cfg_for(self, q: Quarantine) -> Config:
+        """The config with `q` as quarantine.path: review.py then acts on (and audits into) that one."""
+        own = dataclasses.replace(self.cfg.quarantine, path=str(q.path))
+        return dataclasses.replace(self.cfg, quarantine=own)
 
     @property
     def secure(self) -> bool:
@@ -248,7 +255,12 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
         return form
 
     def audit(what: str, entry_id: str, result: str, s: Session) -> None:
-        console.q.audit(what, entry_id, result, who=s.name, via="console")
+        """Into the audit log of the directory holding the entry (the first one if none does)."""
+        try:
+            q = console.qs.find(entry_id) or console.qs.home()
+        except ValueError:  # not an id, or held twice
+            q = console.qs.home()
+        q.audit(what, entry_id, result, who=s.name, via="console")
 
     # ------------------------------------------------------------ login
     async def login_form(request: Request, error: str = "", status: int = 200) -> Response:
@@ -316,7 +328,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
     # ------------------------------------------------------------ pages
     async def listing(request: Request) -> Response:
         f = view.Filters.from_query(request.query_params)
-        rows = await asyncio.to_thread(view.rows, console.q, f)
+        rows = await asyncio.to_thread(view.rows, console.qs, f)
         size = cfg.console.page_size
         pages = max(1, math.ceil(len(rows) / size))
         try:
@@ -328,21 +340,33 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
                     page=n, pages=pages, f=f, query=f.query(), rules=rules,
                     csrf=session(request).csrf)  # fmt: skip
 
-    def _entry_or_404(entry_id: str) -> Any:
+    def _entry_or_404(entry_id: str) -> tuple[Quarantine, Entry] | None:
+        """The entry and its directory; None if not held; AmbiguousEntry if held twice."""
         try:
-            check_id(entry_id)
-            return console.q.get(entry_id)
+            return console.qs.get(entry_id)
+        except AmbiguousEntry:
+            raise
         except (ValueError, OSError):
             return None
 
+    async def _held(request: Request, entry_id: str) -> tuple[Quarantine, Entry] | None:
+        """As _entry_or_404, an id held in two directories refused with a page that says where."""
+        try:
+            return await asyncio.to_thread(_entry_or_404, entry_id)
+        except AmbiguousEntry as exc:
+            console.metrics.errors.labels(kind="ambiguous").inc()
+            log.error("console_ambiguous_id", id=entry_id, dirs=len(exc.paths))
+            raise _Refused(page(request, "error.html", 409, title="Held twice", text=str(exc))) from None
+
     async def message(request: Request, reveal: bool = False) -> Response:
         entry_id = request.path_params["id"]
-        e = await asyncio.to_thread(_entry_or_404, entry_id)
-        if e is None:
+        held = await _held(request, entry_id)
+        if held is None:
             return page(request, "error.html", 404, title="Not held",
                         text="No such message in the quarantine: it was released or deleted.")  # fmt: skip
+        q, e = held
         try:
-            d = await asyncio.to_thread(view.detail, cfg, console.q, e, reveal=reveal)
+            d = await asyncio.to_thread(view.detail, cfg, q, e, reveal=reveal)
         except FileNotFoundError:
             return page(request, "error.html", 404, title="Not held", text="The message file is gone.")
         return page(request, "message.html", d=d, id=e.id, reveal=reveal, csrf=session(request).csrf)
@@ -351,7 +375,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
         await checked_form(request)
         s = session(request)
         entry_id = request.path_params["id"]
-        if await asyncio.to_thread(_entry_or_404, entry_id) is None:
+        if await _held(request, entry_id) is None:
             return await message(request)
         await asyncio.to_thread(audit, "reveal", entry_id, "shown", s)
         console.metrics.actions.labels(kind="reveal", result="done").inc()
@@ -367,10 +391,11 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
             await asyncio.to_thread(audit, "view_raw", entry_id, "forbidden", s)
             return page(request, "error.html", 403, title="Not allowed",
                         text="Only an admin may view a message's raw source.")  # fmt: skip
-        e = await asyncio.to_thread(_entry_or_404, entry_id)
-        if e is None:
+        held = await _held(request, entry_id)
+        if held is None:
             return await message(request)
-        data = await asyncio.to_thread(console.q.message, e.id)
+        q, e = held
+        data = await asyncio.to_thread(q.message, e.id)
         await asyncio.to_thread(audit, "view_raw", e.id, "shown", s)
         console.metrics.actions.labels(kind="raw", result="done").inc()
         log.info("console_action", kind="raw", id=e.id, user=s.name)
@@ -410,9 +435,13 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
     def _summaries(ids: list[str]) -> list[dict[str, Any]]:
         out = []
         for i in ids:
-            e = _entry_or_404(i)
-            if e is not None:
-                r = review.summary(console.q, e)
+            try:
+                held = _entry_or_404(i)
+            except AmbiguousEntry:  # left off the confirm page; acting on it says why not
+                held = None
+            if held is not None:
+                q, e = held
+                r = review.summary(q, e)
                 r["sender_domain"] = view.sender_domain(r.pop("mail_from"))
                 out.append(r)
         return out
@@ -440,7 +469,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
         if action == "purge":
             older = str(form.get("older_than", ""))[:20]
             try:
-                counts = await asyncio.to_thread(review.purge_now, cfg, older, who=s.name, via="console")
+                counts = await asyncio.to_thread(_purge_all, older, s)
             except review.ReviewError as exc:
                 return page(request, "error.html", 400, title="Purge refused", text=str(exc))
             console.metrics.actions.labels(kind="purge", result="done").inc(counts["entry"])
@@ -455,13 +484,33 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
             console.flashes.pop(next(iter(console.flashes)))
         return RedirectResponse(f"/done/{token}", status_code=303)
 
+    def _purge_all(older: str, s: Session) -> dict[str, int]:
+        """review.purge_now on every directory, each purge audited in its own directory."""
+        review.purge_age(older)  # a bad age is refused once, before any directory is touched
+        total = {"entry": 0, "orphan": 0, "temp": 0}
+        for q in console.qs.dirs():
+            for kind, n in review.purge_now(console.cfg_for(q), older, who=s.name, via="console").items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+    def _own_cfg(entry_id: str) -> Config:
+        """The config whose quarantine.path is the directory holding the entry."""
+        try:
+            q = console.qs.find(entry_id)
+        except AmbiguousEntry as exc:
+            raise review.ReviewError(str(exc)) from None
+        if q is None:
+            raise review.ReviewError(f"no entry {entry_id} (fix: it was released or deleted meanwhile)")
+        return console.cfg_for(q)
+
     async def _one(action: str, entry_id: str, s: Session) -> dict[str, Any]:
         try:
+            own = await asyncio.to_thread(_own_cfg, entry_id)
             if action == "delete":
-                await asyncio.to_thread(review.delete_now, cfg, entry_id, who=s.name, via="console")
+                await asyncio.to_thread(review.delete_now, own, entry_id, who=s.name, via="console")
                 result, text = "done", "deleted"
             else:
-                r = await asyncio.to_thread(review.release_now, cfg, entry_id, MODES[action], who=s.name,
+                r = await asyncio.to_thread(review.release_now, own, entry_id, MODES[action], who=s.name,
                                             via="console")  # fmt: skip
                 result = "done" if r.result == "released" else "partial"
                 text = f"released {r.how} to {r.accepted} of {r.total} recipients"
@@ -482,7 +531,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
 
     async def audit_page(request: Request) -> Response:
         f = view.AuditFilters.from_query(request.query_params)
-        rows = await asyncio.to_thread(view.audit_rows, console.q, f)
+        rows = await asyncio.to_thread(view.audit_rows, console.qs, f)
         pages = max(1, math.ceil(len(rows) / AUDIT_PAGE))
         try:
             n = min(max(1, int(request.query_params.get("page", "1"))), pages)
@@ -514,7 +563,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
         Route("/login", refusing(login), methods=["GET", "POST"]),
         Route("/logout", refusing(logout), methods=["POST"]),
         Route("/", listing),
-        Route("/message/{id}", message),
+        Route("/message/{id}", refusing(message)),
         Route("/message/{id}/reveal", refusing(reveal), methods=["POST"]),
         Route("/message/{id}/raw", refusing(raw), methods=["POST"]),
         Route("/confirm", refusing(confirm), methods=["POST"]),

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 LOGIN_RESULTS = ("ok", "failed", "rate_limited", "bad_request")
 ACTION_KINDS = ("release", "release_rewrite", "release_split", "delete", "purge", "reveal", "raw")
 ACTION_RESULTS = ("done", "partial", "failed", "forbidden")
-ERROR_KINDS = ("csrf", "internal")
+ERROR_KINDS = ("csrf", "internal", "ambiguous")
 
 
 class ConsoleMetrics:
@@ -28,7 +28,7 @@ class ConsoleMetrics:
         )
         self.errors = Counter(
             "bccguard_console_errors",
-            "Console requests refused for a bad CSRF token, or failed unexpectedly",
+            "Console requests refused (bad CSRF token, an id held in two directories) or failed unexpectedly",
             ["kind"],
             registry=r,
         )

@@ -106,7 +106,8 @@ def run(cfg: Config) -> int:
             file=sys.stderr,
         )
         return 1
-    log.info("console_started", listen=cfg.console.listen, tls=bool(tls.cert), quarantine=cfg.quarantine.path)
+    log.info("console_started", listen=cfg.console.listen, tls=bool(tls.cert),
+             quarantine=list(cfg.console.quarantine_paths) or cfg.quarantine.path)  # fmt: skip
     if not tls.cert and not _loopback(host):
         # Passwords and session cookies would cross the network in clear text (fine behind a
         # TLS proxy on the same host; then the login rate limit sees the proxy's address).

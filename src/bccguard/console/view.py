@@ -27,6 +27,7 @@ from bccguard.policy.decide import select_rule
 from bccguard.policy.headers import parse_header
 from bccguard.review import summary
 from bccguard.store.quarantine import Entry, Quarantine
+from bccguard.store.quarantines import Quarantines
 
 MAX_BODY_CHARS = 100_000
 MASK = "\u2022\u2022\u2022"
@@ -87,10 +88,10 @@ def _day(text: str) -> float | None:
         return None
 
 
-def rows(q: Quarantine, f: Filters) -> list[dict[str, Any]]:
-    """Every entry that matches, newest first, with counts and domains only."""
+def rows(qs: Quarantines, f: Filters) -> list[dict[str, Any]]:
+    """Every entry of every directory that matches, newest first, with counts and domains only."""
     out = []
-    for e in q.entries():
+    for q, e in qs.entries():
         try:
             r = summary(q, e)
             r["sender_domain"] = sender_domain(r.pop("mail_from"))
@@ -305,13 +306,22 @@ class AuditFilters:
 AUDIT_DETAIL_KEYS = ("mode", "accepted", "refused", "error", "kind", "older_than")
 
 
-def audit_rows(q: Quarantine, f: AuditFilters) -> list[dict[str, Any]]:
-    records, _ = q.audit_records(0)
+def audit_rows(qs: Quarantines, f: AuditFilters) -> list[dict[str, Any]]:
+    """Every directory's audit log merged, newest first (a log's own order breaks ties)."""
+    merged: list[tuple[float, int, dict[str, Any]]] = []
+    for q in qs.dirs():
+        records, _ = q.audit_records(0)
+        for n, rec in enumerate(records):
+            try:
+                ts = float(rec.get("ts", 0.0))
+            except (TypeError, ValueError):
+                ts = 0.0
+            merged.append((ts, n, rec))
+    merged.sort(key=lambda t: (t[0], t[1]), reverse=True)
     out = []
-    for rec in records:
+    for _, _, rec in merged:
         if not f.match(rec):
             continue
         detail = ", ".join(f"{k}={rec[k]}" for k in AUDIT_DETAIL_KEYS if k in rec)
         out.append({**rec, "via": rec.get("via", "cli"), "detail": detail})
-    out.reverse()
     return out
