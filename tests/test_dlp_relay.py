@@ -65,7 +65,7 @@ async def test_customer_data_is_held_outside_and_delivered_to_partners_and_colle
     for rcpt in (PARTNER, COLLEAGUE):
         await send(app.port, "sales@corp.example", [rcpt], data)
     assert [m.rcpt_tos for m in delivered(sink)] == [[PARTNER], [COLLEAGUE]]
-    assert delivered(sink)[0].data == data  # unchanged
+    assert delivered(sink)[0].original == data  # unchanged (after bccguard's Received field)
 
     exposition = generate_latest(app.metrics.registry).decode()
     assert_no_values(exposition)
