@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bccguard import __version__
 from bccguard.config import Config, ConfigError, load, parse_hostport
@@ -33,6 +34,9 @@ from bccguard.store.spool import Spool
 from bccguard.systemd import notify
 from bccguard.upstream import open_upstream
 from bccguard.workers import WorkerRole
+
+if TYPE_CHECKING:
+    from bccguard.milter.listener import MilterListener
 
 READY_UPSTREAM_WINDOW = 60.0
 PROBE_INTERVAL = 15.0
@@ -74,6 +78,7 @@ class App:
         self.gate = SessionGate()
         self.sessions: set[RelaySMTP] = set()
         self.server: asyncio.base_events.Server | None = None
+        self.milter: MilterListener | None = None
         self.ops: Any = None
         self.retrier = Retrier(lambda: self.runtime)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -108,6 +113,42 @@ class App:
     # ------------------------------------------------------------ start/stop
     async def start(self) -> None:
         cfg = self.runtime.config
+        host = ""
+        if cfg.server.listen:  # empty: a milter-only deployment
+            host = await self._start_smtp(cfg)
+        if cfg.milter.listen:
+            await self._start_milter(cfg)
+        if cfg.metrics.listen and self.worker is None:
+            from bccguard.ops.http import OpsServer
+
+            self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
+            self.ops.start()
+        self.metrics.quarantine_set(*self.runtime.quarantine.depth())
+        self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
+        if self.worker is None or self.worker.runs_retrier:
+            # One worker only: two would retry the same spooled copy, and each
+            # would count every release in the audit log (the sum doubles).
+            self._tasks.append(asyncio.create_task(self.retrier.run(), name="spool"))
+            self._tasks.append(asyncio.create_task(self._watch_stores(), name="store-metrics"))
+        self._tasks.append(asyncio.create_task(self._watch_upstream(), name="upstream-probe"))
+        self.log.info(
+            "started",
+            version=__version__,
+            listen=f"{host}:{self.port}" if cfg.server.listen else "",
+            milter=self.milter.address if self.milter is not None else "",
+            upstream=_scheme(cfg.upstream.url),
+            config=cfg.source,
+            rules=len(cfg.policy.rules),
+            worker=self.worker.index if self.worker is not None else None,
+        )
+        if cfg.logging.log_addresses:
+            self.log.warning("address_logging_enabled", note="logs will contain full email addresses")
+        if self.worker is not None:
+            self.worker.signal_ready()
+        else:
+            notify("READY=1")
+
+    async def _start_smtp(self, cfg: Config) -> str:
         host, port = parse_hostport(cfg.server.listen)
         handler = RelayHandler(lambda: self.runtime)
         loop = asyncio.get_running_loop()
@@ -129,38 +170,22 @@ class App:
         )
         sock = self.server.sockets[0]
         self.port = sock.getsockname()[1]
-        if cfg.metrics.listen and self.worker is None:
-            from bccguard.ops.http import OpsServer
+        return host
 
-            self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
-            self.ops.start()
-        self.metrics.quarantine_set(*self.runtime.quarantine.depth())
-        self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
-        if self.worker is None or self.worker.runs_retrier:
-            # One worker only: two would retry the same spooled copy, and each
-            # would count every release in the audit log (the sum doubles).
-            self._tasks.append(asyncio.create_task(self.retrier.run(), name="spool"))
-            self._tasks.append(asyncio.create_task(self._watch_stores(), name="store-metrics"))
-        self._tasks.append(asyncio.create_task(self._watch_upstream(), name="upstream-probe"))
-        self.log.info(
-            "started",
-            version=__version__,
-            listen=f"{host}:{self.port}",
-            upstream=_scheme(cfg.upstream.url),
-            config=cfg.source,
-            rules=len(cfg.policy.rules),
-            worker=self.worker.index if self.worker is not None else None,
-        )
-        if cfg.logging.log_addresses:
-            self.log.warning("address_logging_enabled", note="logs will contain full email addresses")
-        if self.worker is not None:
-            self.worker.signal_ready()
-        else:
-            notify("READY=1")
+    async def _start_milter(self, cfg: Config) -> None:
+        """The milter listener: the worker's inherited socket, or one bound here."""
+        from bccguard.milter.listener import MilterListener, bind_socket
+
+        fd = self.worker.milter_fd if self.worker is not None else -1
+        sock = socket.socket(fileno=fd) if fd >= 0 else bind_socket(cfg.milter)
+        self.milter = MilterListener(lambda: self.runtime)
+        await self.milter.start(sock)
 
     def readiness(self) -> tuple[bool, str]:
-        if self.server is None or not self.server.is_serving():
+        if self.runtime.config.server.listen and (self.server is None or not self.server.is_serving()):
             return False, "SMTP listener not up"
+        if self.runtime.config.milter.listen and (self.milter is None or not self.milter.is_serving()):
+            return False, "milter listener not up"
         last_ok = getattr(self.metrics, "upstream_last_ok", 0.0) or 0.0
         if time.monotonic() - last_ok > READY_UPSTREAM_WINDOW:
             return False, "upstream not reachable recently"
@@ -213,13 +238,17 @@ class App:
         notify("STOPPING=1")
         if self.server is not None:
             self.server.close()
+        if self.milter is not None:
+            await self.milter.close()
         await asyncio.gather(*(s.shutdown() for s in list(self.sessions)), return_exceptions=True)
         deadline = time.monotonic() + timeout
-        while any(s.busy for s in self.sessions) and time.monotonic() < deadline and not self._force.is_set():  # noqa: ASYNC110 - a few flags, bounded by shutdown_timeout
+        while self._busy() and time.monotonic() < deadline and not self._force.is_set():  # noqa: ASYNC110 - a few flags, bounded by shutdown_timeout
             await asyncio.sleep(0.05)
         for s in list(self.sessions):
             if s.transport is not None:
                 s.transport.close()
+        if self.milter is not None:
+            self.milter.cut()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -233,7 +262,11 @@ class App:
             await old.upstream.close()
         self._retired.clear()
         await self.runtime.upstream.close()
-        self.log.info("stopped", drained=not any(s.busy for s in self.sessions))
+        self.log.info("stopped", drained=not self._busy())
+
+    def _busy(self) -> bool:
+        """A message being decided on either edge: the drain waits for it."""
+        return any(s.busy for s in self.sessions) or (self.milter is not None and self.milter.busy)
 
     # ------------------------------------------------------------ reload
     async def reload(self) -> bool:
@@ -245,6 +278,8 @@ class App:
             new = load(self.config_path)
             if parse_hostport(new.server.listen) != parse_hostport(self.runtime.config.server.listen):
                 self.log.warning("reload_listen_unchanged", reason="server.listen needs a restart")
+            if new.milter.listen != self.runtime.config.milter.listen:
+                self.log.warning("reload_listen_unchanged", reason="milter.listen needs a restart")
             runtime = self._build_runtime(new)
         except ConfigError as exc:
             self.metrics.config_reload(False)

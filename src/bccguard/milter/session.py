@@ -1,0 +1,326 @@
+"""One MTA connection speaking milter: events -> (envelope, message bytes) -> the relay's decision.
+
+Kept thin on purpose (as OpenDKIM's callbacks are): the session only
+collects what the MTA sends, rebuilds the message the SMTP relay would have
+received, and calls `Relay.process` — the same path, the same policy, the
+same log line and counters as the SMTP edge. What differs is the hand-off:
+instead of delivering, the answer goes back to the MTA as header edits
+(rewrite), DISCARD (bccguard holds it: quarantine or split spool, fsync'ed
+first), QUARANTINE (the MTA's hold queue), or a reply code (reject, tempfail).
+
+Anything unexpected answers tempfail: the MTA says 4xx and the client
+retries; a broken packet ends the session, and Postfix applies
+`milter_default_action` (the guide sets tempfail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bccguard.milter import codec
+from bccguard.policy.engine import Outcome
+from bccguard.policy.header_edits import HeaderEdit, fields_of, header_edits
+from bccguard.policy.model import Envelope
+from bccguard.relay import INTERNAL_ERROR, Runtime
+
+# What we ask the MTA for (intersected with what it offers): no HELO/DATA/unknown
+# events, no replies expected except where we may answer (end of message), and
+# header values with their leading space so the block is rebuilt byte for byte.
+WANTED_PROTOCOL = (
+    codec.SMFIP_NOHELO
+    | codec.SMFIP_NOUNKNOWN
+    | codec.SMFIP_NODATA
+    | codec.SMFIP_NR_CONN
+    | codec.SMFIP_NR_HELO
+    | codec.SMFIP_NR_MAIL
+    | codec.SMFIP_NR_RCPT
+    | codec.SMFIP_NR_DATA
+    | codec.SMFIP_NR_UNKN
+    | codec.SMFIP_NR_HDR
+    | codec.SMFIP_NR_EOH
+    | codec.SMFIP_NR_BODY
+    | codec.SMFIP_HDR_LEADSPC
+)
+WANTED_ACTIONS = codec.SMFIF_ADDHDRS | codec.SMFIF_CHGHDRS | codec.SMFIF_QUARANTINE
+READ_CHUNK = 256 * 1024
+TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
+
+
+class CannotEdit(RuntimeError):
+    """The MTA did not grant header changes, and this message needs them."""
+
+
+@dataclass
+class MilterHandoff:
+    """What `Relay.process` decided, turned into milter answers (see relay.Handoff)."""
+
+    can_edit: bool
+    quarantine_in_mta: bool
+    queue_id: str = ""  # the MTA's (macro `i`): logged, so its log and ours meet
+    edits: list[HeaderEdit] | None = None
+    held: str | None = None
+
+    async def forward(
+        self, outcome: Outcome, env: Envelope, content: bytes, session_id: str
+    ) -> tuple[str, dict[str, Any]]:
+        edits = []
+        if outcome.message is not content:  # evaluate() returns the very same bytes when unchanged
+            edits = header_edits(fields_of(content), fields_of(outcome.message))
+        if edits and not self.can_edit:
+            raise CannotEdit("the MTA did not grant SMFIF_CHGHDRS/SMFIF_ADDHDRS")
+        self.edits = edits
+        fields = {"milter_edits": len(edits), "mta_queue_id": self.queue_id}
+        return "250 2.0.0 Ok: returned to the MTA", fields
+
+    async def hold(
+        self, outcome: Outcome, env: Envelope, session_id: str
+    ) -> tuple[str, dict[str, Any]] | None:
+        if not self.quarantine_in_mta:
+            return None
+        self.held = f"bccguard rule {outcome.verdict.rule}: {outcome.verdict.reason}"
+        return "250 2.6.0 Held in the MTA's hold queue", {"held_by": "mta", "mta_queue_id": self.queue_id}
+
+
+@dataclass
+class _Message:
+    mail_from: str = ""
+    smtputf8: bool = False
+    rcpts: list[str] = field(default_factory=list)
+    headers: list[bytes] = field(default_factory=list)
+    body: list[bytes] = field(default_factory=list)
+    size: int = 0
+    too_big: bool = False
+    started: float = 0.0
+
+
+class MilterSession:
+    def __init__(
+        self,
+        runtime_ref: Callable[[], Runtime],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        sessions: set[MilterSession],
+    ) -> None:
+        self._runtime_ref = runtime_ref
+        self.reader = reader
+        self.writer = writer
+        self._sessions = sessions
+        rt = runtime_ref()
+        self.session_id = rt.new_session_id()
+        self.busy = False  # deciding a message: a drain waits for it
+        self.closing = False
+        self._macros: dict[str, str] = {}
+        self._client = ""
+        self._protocol = 0  # negotiated SMFIP_* flags
+        self._actions = 0
+        self._msg: _Message | None = None
+
+    # ------------------------------------------------------------------ loop
+
+    async def run(self) -> None:
+        rt = self._runtime_ref()
+        cfg = rt.config.server
+        decoder = codec.Decoder(max_size=max(cfg.max_header_size, 65535) + 1024)
+        self._sessions.add(self)
+        rt.metrics.milter_session_opened()
+        try:
+            while not self.closing:
+                try:
+                    data = await asyncio.wait_for(self.reader.read(READ_CHUNK), cfg.command_timeout)
+                except TimeoutError:
+                    self._error(rt, "timeout", "milter_timeout")
+                    return
+                if not data:
+                    if self._msg is not None and self._msg.started:
+                        self._error(rt, "disconnect", "milter_disconnect_mid_message")
+                    return
+                for command, payload in decoder.feed(data):
+                    out = await self._handle(command, payload)
+                    if out:
+                        self.writer.write(out)
+                    if self.closing:
+                        break
+                await self.writer.drain()
+        except codec.MilterProtocolError as exc:
+            self._error(rt, "protocol", "milter_protocol_error", problem=str(exc)[:200])
+        except (ConnectionError, asyncio.IncompleteReadError):
+            if self._msg is not None and self._msg.started:
+                self._error(rt, "disconnect", "milter_disconnect_mid_message")
+        except Exception as exc:  # never crash the listener; the MTA applies its default action
+            rt.log.error("milter_session_failed", session_id=self.session_id, exc_info=exc)
+        finally:
+            self._sessions.discard(self)
+            rt.metrics.milter_session_closed()
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+
+    def _error(self, rt: Runtime, kind: str, event: str, **fields: Any) -> None:
+        rt.metrics.milter_error(kind)
+        rt.log.warning(event, session_id=self.session_id, client=self._client, **fields)
+
+    async def shutdown(self) -> None:
+        """SIGTERM: an idle session closes now (the MTA reconnects or tempfails); a busy one finishes."""
+        self.closing = True
+        if not self.busy:
+            self.writer.close()
+
+    # -------------------------------------------------------------- commands
+
+    def _needs_reply(self, command: bytes) -> bool:
+        flag = codec.NO_REPLY_FLAG.get(command)
+        return command not in codec.SILENT and not (flag and self._protocol & flag)
+
+    async def _handle(self, command: bytes, data: bytes) -> bytes:
+        if command == codec.OPTNEG:
+            return self._negotiate(data)
+        if command == codec.MACRO:
+            _, macros = codec.parse_macros(data)
+            self._macros.update(macros)
+            return b""
+        if command == codec.BODYEOB:
+            if data:
+                self._body(data)
+            return await self._end_of_message()
+        if command == codec.CONNECT:
+            _, self._client = codec.parse_connect(data)
+        elif command == codec.MAIL:
+            sender, params = codec.parse_address_args(data)
+            self._msg = _Message(
+                mail_from=sender,
+                smtputf8=any(p.upper() == "SMTPUTF8" for p in params),
+                started=time.perf_counter(),
+            )
+        elif command == codec.RCPT:
+            rcpt, _ = codec.parse_address_args(data)
+            self._current().rcpts.append(rcpt)
+        elif command == codec.HEADER:
+            name, value = codec.parse_header(data)
+            self._header(name, value)
+        elif command == codec.BODY:
+            self._body(data)
+        elif command == codec.ABORT:
+            self._msg = None
+            return b""
+        elif command == codec.QUIT:
+            self.closing = True
+            return b""
+        elif command == codec.QUIT_NC:  # the MTA reuses this connection for a new client
+            self._msg = None
+            self._macros.clear()
+            self._client = ""
+            return b""
+        elif command not in codec.KNOWN_COMMANDS:
+            raise codec.MilterProtocolError(f"unknown command {command!r}")
+        return codec.encode(codec.CONTINUE) if self._needs_reply(command) else b""
+
+    def _negotiate(self, data: bytes) -> bytes:
+        offer = codec.parse_optneg(data)
+        if offer.version < codec.VERSION:
+            raise codec.MilterProtocolError(f"MTA speaks milter protocol {offer.version}, bccguard needs 6")
+        self._protocol = WANTED_PROTOCOL & offer.protocol
+        self._actions = WANTED_ACTIONS & offer.actions
+        return codec.encode_optneg(self._actions, self._protocol)
+
+    def _current(self) -> _Message:
+        if self._msg is None:  # headers before MAIL: Postfix never does this; a broken peer might
+            raise codec.MilterProtocolError("message event before MAIL")
+        return self._msg
+
+    def _header(self, name: bytes, value: bytes) -> None:
+        msg = self._current()
+        # Without HDR_LEADSPC the MTA strips the space after the colon: put one back.
+        if not self._protocol & codec.SMFIP_HDR_LEADSPC:
+            value = b" " + value
+        line = name + b":" + value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
+        self._grow(msg, len(line))
+        if not msg.too_big:
+            msg.headers.append(line)
+
+    def _body(self, chunk: bytes) -> None:
+        msg = self._current()
+        self._grow(msg, len(chunk))
+        if not msg.too_big:
+            msg.body.append(chunk)
+
+    def _grow(self, msg: _Message, n: int) -> None:
+        msg.size += n
+        if not msg.too_big and msg.size > self._runtime_ref().config.server.max_message_size:
+            msg.too_big = True  # keep counting, stop keeping: memory stays bounded
+            msg.headers.clear()
+            msg.body.clear()
+
+    # ---------------------------------------------------------- end of message
+
+    async def _end_of_message(self) -> bytes:
+        msg = self._current()
+        self._msg = _Message()  # the next message on this connection starts with MAIL
+        rt = self._runtime_ref()
+        if msg.too_big:
+            self._error(rt, "too_big", "milter_message_too_big", size=msg.size)
+            rt.metrics.milter_response("reject")
+            return codec.reply_packet(TOO_BIG)
+        content = b"".join((*msg.headers, b"\r\n", *msg.body))
+        handoff = MilterHandoff(
+            can_edit=self._actions & (codec.SMFIF_CHGHDRS | codec.SMFIF_ADDHDRS)
+            == codec.SMFIF_CHGHDRS | codec.SMFIF_ADDHDRS,
+            quarantine_in_mta=rt.config.milter.quarantine == "mta"
+            and bool(self._actions & codec.SMFIF_QUARANTINE),
+            queue_id=self._macros.get("i", ""),
+        )
+        auth = self._macros.get("auth_authen") or None
+        self.busy = True
+        try:
+            reply = await rt.relay.process(
+                mail_from=msg.mail_from,
+                rcpt_tos=tuple(msg.rcpts),
+                content=content,
+                smtputf8=msg.smtputf8,
+                auth_user=auth,
+                session_id=self.session_id,
+                client=self._client,
+                started=msg.started or time.perf_counter(),
+                handoff=handoff,
+            )
+        except Exception as exc:  # process() promises a reply; this is belt and braces
+            rt.log.error("milter_message_failed", session_id=self.session_id, exc_info=exc)
+            reply = INTERNAL_ERROR
+        finally:
+            self.busy = False
+        return self._answer(rt, reply, handoff)
+
+    def _answer(self, rt: Runtime, reply: str, handoff: MilterHandoff) -> bytes:
+        """The relay's one reply line -> the milter packets that mean the same to the MTA."""
+        if reply[:1] != "2":
+            rt.metrics.milter_response("tempfail" if reply[:1] == "4" else "reject")
+            return codec.reply_packet(reply)
+        if handoff.held is not None:
+            rt.metrics.milter_response("quarantine")
+            reason = handoff.held.encode("utf-8", "replace") + b"\0"
+            return codec.encode(codec.QUARANTINE, reason) + codec.encode(codec.CONTINUE)
+        if handoff.edits is None:
+            # 250 without a hand-back: the message sits fsync'ed in bccguard's
+            # quarantine or split spool; the MTA must not deliver it as well.
+            rt.metrics.milter_response("discard")
+            return codec.encode(codec.DISCARD)
+        rt.metrics.milter_response("edit" if handoff.edits else "continue")
+        leadspc = bool(self._protocol & codec.SMFIP_HDR_LEADSPC)
+        packets = b"".join(_edit_packet(e, leadspc=leadspc) for e in handoff.edits)
+        return packets + codec.encode(codec.CONTINUE)
+
+
+def _edit_packet(e: HeaderEdit, *, leadspc: bool) -> bytes:
+    # Folded values travel with bare LF, as the MTA stores them (Postfix, Sendmail).
+    value = e.value.replace(b"\r\n", b"\n")
+    if not leadspc and value.startswith(b" "):
+        value = value[1:]  # the MTA puts "name: " itself
+    if e.kind == "add":
+        return codec.header_packet(codec.ADDHEADER, e.name, value)
+    if e.kind == "insert":
+        return codec.header_packet(codec.INSHEADER, e.name, value, e.index)
+    return codec.header_packet(codec.CHGHEADER, e.name, b"" if e.kind == "delete" else value, e.index)
