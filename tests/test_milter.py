@@ -8,9 +8,13 @@ tests/test_milter_postfix.py.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import struct
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bccguard.app import App
+from bccguard.config import milter_listen
 from bccguard.milter import codec
 from bccguard.milter.session import WANTED_ACTIONS
 from bccguard.store.quarantine import Quarantine
 from conftest import StartRelay, message
-from deploy_helpers import poll
+from deploy_helpers import RelayProcess, free_port, poll, to_toml
 from milter_client import MtaClient
 from sink import Sink
 
@@ -256,3 +261,85 @@ async def test_session_fuzz_never_takes_the_listener_down(app: App, stream: list
     await c.send(codec.QUIT)
     await c.closed(timeout=5.0)
     await a_good_session_still_works(app)
+
+
+async def test_two_workers_share_one_unix_milter_socket(sink: Sink, tmp_path: Path) -> None:
+    """`bccguard serve` with workers = 2 and no SMTP listener: the supervisor binds, both serve."""
+    sock = tmp_path / "milter.sock"
+    mport = free_port()
+    cfg = tmp_path / "bccguard.toml"
+    cfg.write_text(
+        to_toml(
+            {
+                "server": {"listen": "", "workers": 2, "hostname": "bccguard.test", "shutdown_timeout": 5.0},
+                "milter": {"listen": f"unix:{sock}", "mode": "0640"},
+                "upstream": {"url": f"smtp://127.0.0.1:{sink.port}"},
+                "quarantine": {"path": str(tmp_path / "q")},
+                "spool": {"path": str(tmp_path / "s")},
+                "metrics": {"listen": f"127.0.0.1:{mport}"},
+                "logging": {"format": "json"},
+                "policy": {"internal_domains": ["corp.example"]},
+            }
+        )
+    )
+    relay = RelayProcess(cfg, tmp_path / "log", name="bccguard")
+    relay.start()
+    try:
+        await asyncio.to_thread(relay.wait_for, lambda: len(relay.events("started")) >= 2, "two workers")
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o640
+        for _ in range(6):
+            c = await MtaClient.connect(f"unix:{sock}")
+            await c.negotiate()
+            await c.envelope("news@corp.example", CUSTOMERS)
+            assert (await c.message(message(CUSTOMERS)))[-1] == (codec.CONTINUE, b"")
+            c.close()
+        await asyncio.to_thread(
+            relay.wait_for, lambda: len(relay.events("message_processed")) == 6, "six messages logged"
+        )
+        assert {e["action"] for e in relay.events("message_processed")} == {"rewrite"}
+
+        def sessions() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("bccguard_milter_sessions_total")
+            )
+
+        assert await asyncio.to_thread(sessions) == 6, "the supervisor adds both workers' counts"
+    finally:
+        assert await relay.astop() == 0
+    assert not sock.exists() or stat.S_ISSOCK(os.stat(sock).st_mode)
+
+
+@pytest.mark.parametrize(
+    ("toml", "says"),
+    [
+        ('[milter]\nlisen = "inet:127.0.0.1:8891"\n', "milter.lisen: unknown key (did you mean 'listen'?)"),
+        ('[milter]\nlisten = "tcp:8891"\n', "milter.listen: 'tcp' is not inet or unix"),
+        ('[milter]\nlisten = "unix:relative.sock"\n', "is not an absolute path"),
+        ('[milter]\nlisten = "inet:127.0.0.1:99999"\n', "bad port"),
+        ('[milter]\nquarantine = "postfix"\n', "milter.quarantine: 'postfix' is not bccguard or mta"),
+        ('[milter]\nmode = "rw"\n', "milter.mode: 'rw' is not an octal mode"),
+        ('[milter]\ngroup = "no-such-group-x"\n', "milter.group: no such group"),
+        ('[server]\nlisten = ""\n', "server.listen: empty, and no [milter] listen either"),
+    ],
+)
+def test_milter_config_errors_are_one_line_and_exit_78(tmp_path: Path, toml: str, says: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bccguard.cli", "config", "check", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 78, proc.stderr
+    assert says in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_sendmail_style_listen_spelling_is_accepted() -> None:
+    assert milter_listen("inet:8891@127.0.0.1") == ("inet", "127.0.0.1", 8891)
+    assert milter_listen("inet6:8891@::1") == ("inet", "::1", 8891)
+    assert milter_listen("local:/run/m.sock") == ("unix", "/run/m.sock", 0)
