@@ -343,3 +343,13 @@ def test_sendmail_style_listen_spelling_is_accepted() -> None:
     assert milter_listen("inet:8891@127.0.0.1") == ("inet", "127.0.0.1", 8891)
     assert milter_listen("inet6:8891@::1") == ("inet", "::1", 8891)
     assert milter_listen("local:/run/m.sock") == ("unix", "/run/m.sock", 0)
+
+
+async def test_a_silent_mta_is_cut_after_command_timeout(sink: Sink, start_relay: StartRelay) -> None:
+    extra: dict[str, Any] = {**MILTER_ONLY, "server": {**MILTER_ONLY["server"], "command_timeout": 0.3}}
+    app = await start_relay(f"smtp://127.0.0.1:{sink.port}", extra)
+    c = await client(app)
+    await c.negotiate()
+    await c.envelope("news@corp.example", CUSTOMERS)
+    assert await c.closed(timeout=10.0)
+    assert metric(app, "bccguard_milter_errors_total", kind="timeout") == 1

@@ -131,7 +131,9 @@ class MilterSession:
         try:
             while not self.closing:
                 try:
-                    data = await asyncio.wait_for(self.reader.read(READ_CHUNK), cfg.command_timeout)
+                    # asyncio.timeout, not wait_for: no extra task per read (a few % of CPU per message)
+                    async with asyncio.timeout(cfg.command_timeout):
+                        data = await self.reader.read(READ_CHUNK)
                 except TimeoutError:
                     self._error(rt, "timeout", "milter_timeout")
                     return
