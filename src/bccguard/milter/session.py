@@ -227,6 +227,10 @@ class MilterSession:
             raise codec.MilterProtocolError(f"MTA speaks milter protocol {offer.version}, bccguard needs 6")
         self._protocol = WANTED_PROTOCOL & offer.protocol
         self._actions = WANTED_ACTIONS & offer.actions
+        rt = self._runtime_ref()
+        if rt.config.milter.quarantine == "mta" and not self._actions & codec.SMFIF_QUARANTINE:
+            # Nothing is lost: quarantined mail goes to bccguard's own store instead.
+            rt.log.warning("milter_no_mta_quarantine", session_id=self.session_id)
         return codec.encode_optneg(self._actions, self._protocol)
 
     def _current(self) -> _Message:
