@@ -353,3 +353,40 @@ async def test_a_silent_mta_is_cut_after_command_timeout(sink: Sink, start_relay
     await c.envelope("news@corp.example", CUSTOMERS)
     assert await c.closed(timeout=10.0)
     assert metric(app, "bccguard_milter_errors_total", kind="timeout") == 1
+
+
+async def test_reload_applies_to_the_next_milter_message(app: App, tmp_path: Path, sink: Sink) -> None:
+    """SIGHUP's snapshot swap reaches milter sessions already open, from their next message."""
+    c = await client(app)
+    await c.negotiate()
+    await c.envelope("news@corp.example", CUSTOMERS)
+    assert (await c.message(message(CUSTOMERS)))[-1] == (codec.CONTINUE, b"")  # rewritten
+    cfg = {
+        **MILTER_ONLY,
+        "upstream": {"url": f"smtp://127.0.0.1:{sink.port}"},
+        "quarantine": {"path": str(tmp_path / "quarantine")},
+        "spool": {"path": str(tmp_path / "spool")},
+        "metrics": {"listen": ""},
+        "policy": {"internal_domains": ["corp.example"], "action": "reject"},
+    }
+    path = tmp_path / "reloaded.toml"
+    path.write_text(to_toml(cfg))
+    app.config_path = str(path)
+    assert await app.reload() is True
+    await c.event(codec.MAIL, b"<news@corp.example>\0")
+    for r in CUSTOMERS:
+        await c.event(codec.RCPT, f"<{r}>".encode() + b"\0")
+    ((cmd, data),) = await c.message(message(CUSTOMERS))
+    assert cmd == codec.REPLYCODE and data.startswith(b"550 5.7.1")
+    c.close()
+
+
+async def test_stop_closes_idle_milter_sessions_and_the_listener(app: App) -> None:
+    c = await client(app)
+    await c.negotiate()
+    assert app.milter is not None
+    address = app.milter.address
+    await app.stop(timeout=2.0)
+    assert await c.closed(timeout=5.0), "an idle MTA connection is closed at shutdown"
+    with pytest.raises(OSError):
+        await MtaClient.connect(address)

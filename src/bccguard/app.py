@@ -276,7 +276,7 @@ class App:
             return False
         try:
             new = load(self.config_path)
-            if parse_hostport(new.server.listen) != parse_hostport(self.runtime.config.server.listen):
+            if _listen_key(new.server.listen) != _listen_key(self.runtime.config.server.listen):
                 self.log.warning("reload_listen_unchanged", reason="server.listen needs a restart")
             if new.milter.listen != self.runtime.config.milter.listen:
                 self.log.warning("reload_listen_unchanged", reason="milter.listen needs a restart")
@@ -376,6 +376,11 @@ def load_credentials(config: Config) -> Credentials | None:
         return Credentials.load(config.server.auth_file)
     except CredentialsError as exc:
         raise ConfigError([f"server.auth_file: {p}" for p in str(exc).splitlines()]) from None
+
+
+def _listen_key(listen: str) -> tuple[str, int] | None:
+    """`server.listen` normalised for comparison; "" (no SMTP listener) is None."""
+    return parse_hostport(listen) if listen else None
 
 
 def _scheme(url: str) -> str:
