@@ -390,3 +390,24 @@ async def test_stop_closes_idle_milter_sessions_and_the_listener(app: App) -> No
     assert await c.closed(timeout=5.0), "an idle MTA connection is closed at shutdown"
     with pytest.raises(OSError):
         await MtaClient.connect(address)
+
+
+def test_a_taken_milter_port_is_one_line_at_start(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            f'[server]\nlisten = ""\nworkers = 1\n[milter]\nlisten = "inet:127.0.0.1:{port}"\n'
+            f'[metrics]\nlisten = ""\n[quarantine]\npath = "{tmp_path}/q"\n[spool]\npath = "{tmp_path}/s"\n'
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "bccguard.cli", "serve", "--config", str(cfg)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("bccguard: cannot start")]
+    assert f"milter.listen = 'inet:127.0.0.1:{port}'" in line and "Traceback" not in proc.stderr

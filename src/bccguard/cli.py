@@ -193,7 +193,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Binding is the usual culprit: port taken or privileged.
         print(
             f"bccguard: cannot start: {exc.strerror or exc} "
-            f"(fix: check server.listen = {cfg.server.listen!r} and metrics.listen = "
+            f"(fix: check server.listen = {cfg.server.listen!r}"
+            f"{f', milter.listen = {cfg.milter.listen!r}' if cfg.milter.listen else ''} and metrics.listen = "
             f"{cfg.metrics.listen!r} are free and allowed; or the quarantine/spool paths are writable)",
             file=sys.stderr,
         )
