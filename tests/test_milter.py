@@ -40,6 +40,7 @@ MILTER_ONLY = {
         "rules": [
             {"name": "board", "senders": ["*@board.corp.example"], "action": "reject"},
             {"name": "legal", "senders": ["*@legal.corp.example"], "action": "quarantine"},
+            {"name": "authed", "users": ["alice"], "action": "reject"},
         ]
     },
 }
@@ -411,3 +412,18 @@ def test_a_taken_milter_port_is_one_line_at_start(tmp_path: Path) -> None:
     assert proc.returncode == 1
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("bccguard: cannot start")]
     assert f"milter.listen = 'inet:127.0.0.1:{port}'" in line and "Traceback" not in proc.stderr
+
+
+async def test_auth_macro_feeds_users_rules_and_does_not_outlive_its_message(app: App) -> None:
+    """`{auth_authen}` from the MAIL stage is the envelope's AUTH user, for that message only."""
+    c = await client(app)
+    await c.negotiate()
+    await c.envelope("news@corp.example", CUSTOMERS, macros={"auth_authen": "alice"})
+    ((cmd, data),) = await c.message(message(CUSTOMERS))
+    assert cmd == codec.REPLYCODE and data.endswith(b"(bccguard rule authed)\0")
+    await c.send(codec.MACRO, b"M{mail_addr}\0news@corp.example\0")  # the next MAIL: no AUTH
+    await c.event(codec.MAIL, b"<news@corp.example>\0")
+    for r in CUSTOMERS:
+        await c.event(codec.RCPT, f"<{r}>".encode() + b"\0")
+    assert (await c.message(message(CUSTOMERS)))[-1] == (codec.CONTINUE, b"")
+    c.close()

@@ -48,6 +48,7 @@ WANTED_PROTOCOL = (
 )
 WANTED_ACTIONS = codec.SMFIF_ADDHDRS | codec.SMFIF_CHGHDRS | codec.SMFIF_QUARANTINE
 READ_CHUNK = 256 * 1024
+MACRO_STAGES = (codec.CONNECT, codec.HELO, codec.MAIL, codec.RCPT, codec.DATA, codec.EOH, codec.BODYEOB)
 TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 
 
@@ -114,7 +115,9 @@ class MilterSession:
         self.session_id = rt.new_session_id()
         self.busy = False  # deciding a message: a drain waits for it
         self.closing = False
-        self._macros: dict[str, str] = {}
+        # Per stage (the command they come with), replaced at each stage: a value
+        # from an earlier message on this connection never leaks into the next.
+        self._macros: dict[bytes, dict[str, str]] = {}
         self._client = ""
         self._protocol = 0  # negotiated SMFIP_* flags
         self._actions = 0
@@ -174,6 +177,13 @@ class MilterSession:
 
     # -------------------------------------------------------------- commands
 
+    def _macro(self, name: str) -> str:
+        """A macro's value as of now: the latest stage that sent it wins."""
+        value = ""
+        for stage in MACRO_STAGES:
+            value = self._macros.get(stage, {}).get(name, value)
+        return value
+
     def _needs_reply(self, command: bytes) -> bool:
         flag = codec.NO_REPLY_FLAG.get(command)
         return command not in codec.SILENT and not (flag and self._protocol & flag)
@@ -182,8 +192,8 @@ class MilterSession:
         if command == codec.OPTNEG:
             return self._negotiate(data)
         if command == codec.MACRO:
-            _, macros = codec.parse_macros(data)
-            self._macros.update(macros)
+            stage, macros = codec.parse_macros(data)
+            self._macros[stage] = macros
             return b""
         if command == codec.BODYEOB:
             if data:
@@ -208,6 +218,7 @@ class MilterSession:
             self._body(data)
         elif command == codec.ABORT:
             self._msg = None
+            self._macros = {k: v for k, v in self._macros.items() if k in (codec.CONNECT, codec.HELO)}
             return b""
         elif command == codec.QUIT:
             self.closing = True
@@ -277,9 +288,9 @@ class MilterSession:
             == codec.SMFIF_CHGHDRS | codec.SMFIF_ADDHDRS,
             quarantine_in_mta=rt.config.milter.quarantine == "mta"
             and bool(self._actions & codec.SMFIF_QUARANTINE),
-            queue_id=self._macros.get("i", ""),
+            queue_id=self._macro("i"),
         )
-        auth = self._macros.get("auth_authen") or None
+        auth = self._macro("auth_authen") or None
         self.busy = True
         try:
             reply = await rt.relay.process(
