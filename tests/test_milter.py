@@ -427,3 +427,14 @@ async def test_auth_macro_feeds_users_rules_and_does_not_outlive_its_message(app
         await c.event(codec.RCPT, f"<{r}>".encode() + b"\0")
     assert (await c.message(message(CUSTOMERS)))[-1] == (codec.CONTINUE, b"")
     c.close()
+
+
+async def test_a_flood_of_recipients_is_bounded_like_a_big_body(app: App) -> None:
+    c = await client(app)
+    await c.negotiate()
+    await c.envelope("news@corp.example", [])
+    rcpt = codec.encode(codec.RCPT, b"<" + b"r" * 990 + b"@gmail.com>\0")
+    await c.send_raw(rcpt * 60)  # 60 KB of recipients, over the 50 KB max_message_size
+    ((cmd, data),) = await c.message(message(CUSTOMERS))
+    assert (cmd, data) == (codec.REPLYCODE, b"552 5.3.4 Message size exceeds fixed limit\0")
+    c.close()

@@ -210,7 +210,10 @@ class MilterSession:
             )
         elif command == codec.RCPT:
             rcpt, _ = codec.parse_address_args(data)
-            self._current().rcpts.append(rcpt)
+            msg = self._current()
+            self._grow(msg, len(rcpt))  # recipients count toward the size too: memory stays bounded
+            if not msg.too_big:
+                msg.rcpts.append(rcpt)
         elif command == codec.HEADER:
             name, value = codec.parse_header(data)
             self._header(name, value)
@@ -271,6 +274,7 @@ class MilterSession:
             msg.too_big = True  # keep counting, stop keeping: memory stays bounded
             msg.headers.clear()
             msg.body.clear()
+            msg.rcpts.clear()
 
     # ---------------------------------------------------------- end of message
 
