@@ -49,7 +49,7 @@ GOAL = 0.80
 class Stack:
     """One private Postfix (+ bccguard for the two filtered paths)."""
 
-    def __init__(self, path: str, sink: int, workdir: Path, workers: str) -> None:
+    def __init__(self, path: str, sink: int, workdir: Path, workers: str, unix: bool = False) -> None:
         self.path = path
         self.base = Path(tempfile.mkdtemp(prefix=f"bccguard-bench-{path}-", dir="/var/tmp"))
         self.base.chmod(0o755)
@@ -64,8 +64,12 @@ class Stack:
         main = main.replace("/var/log/bccguard-bench-postfix.log", f"/var/log/bccguard-bench-{path}.log")
         shutil.copy("/etc/postfix/master.cf", self.conf / "master.cf")
         master_extra = ""
+        self.milter_listen = f"inet:127.0.0.1:{milter_port}"
         if path == "milter":
             main += _snippet("main.cf.milter", milter=milter_port, reinject=reinject)
+            if unix:  # --unix: the milter on a unix socket instead (no TCP on the path)
+                self.milter_listen = f"unix:{self.base}/milter.sock"
+                main = main.replace(f"inet:127.0.0.1:{milter_port}", self.milter_listen)
             master_extra = _snippet("master.cf.milter", milter=milter_port, reinject=reinject)
         elif path == "content_filter":
             main += _snippet("main.cf.after-queue", relay=relay_port, reinject=reinject)
@@ -89,7 +93,9 @@ class Stack:
     def _start_bccguard(self, workdir: Path, milter: int, relay: int, reinject: int, workers: str) -> None:
         cfg = workdir / f"{self.path}.toml"
         listen = f'listen = "127.0.0.1:{relay}"' if self.path == "content_filter" else 'listen = ""'
-        milter_section = f'[milter]\nlisten = "inet:127.0.0.1:{milter}"\n' if self.path == "milter" else ""
+        milter_section = (
+            f'[milter]\nlisten = "{self.milter_listen}"\nmode = "0666"\n' if self.path == "milter" else ""
+        )
         cfg.write_text(f"""
 [server]
 {listen}
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=0, help="messages per run (default: by shape)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", default="auto", help="bccguard's [server] workers")
+    ap.add_argument("--unix", action="store_true", help="the milter on a unix socket, not inet")
     args = ap.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bccguard-bench-milter-"))
     sink_port = free_port()
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
     load_before = loadavg()
     try:
-        stacks = {p: Stack(p, sink_port, workdir, args.workers) for p in paths}
+        stacks = {p: Stack(p, sink_port, workdir, args.workers, args.unix) for p in paths}
         for shape in args.shapes.split(","):
             msgfile = workdir / f"shape-{shape}.eml"
             make_message(shape, msgfile)
