@@ -23,6 +23,7 @@ class MtaClient:
     protocol: int = 0
     actions: int = 0
     replies: list[tuple[bytes, bytes]] = field(default_factory=list)
+    macro_lists: dict[int, bytes] = field(default_factory=dict)
 
     @classmethod
     async def connect(cls, address: str) -> MtaClient:
@@ -62,6 +63,11 @@ class MtaClient:
         cmd, data = await self.read()
         assert cmd == codec.OPTNEG
         _, self.actions, self.protocol = struct.unpack(">III", data[:12])
+        rest = data[12:]
+        while len(rest) >= 5:  # SMFIF_SETSYMLIST: stage, NUL-terminated macro names
+            (stage,) = struct.unpack(">I", rest[:4])
+            names, _, rest = rest[4:].partition(b"\0")
+            self.macro_lists[stage] = names
 
     def _expects_reply(self, command: bytes) -> bool:
         flag = codec.NO_REPLY_FLAG.get(command, 0)

@@ -72,7 +72,12 @@ async def a_good_session_still_works(app: App) -> None:
 async def test_negotiation_asks_only_for_what_it_uses(app: App) -> None:
     c = await client(app)
     await c.negotiate()
-    assert c.actions == WANTED_ACTIONS == codec.SMFIF_ADDHDRS | codec.SMFIF_CHGHDRS | codec.SMFIF_QUARANTINE
+    assert WANTED_ACTIONS == codec.SMFIF_ADDHDRS | codec.SMFIF_CHGHDRS | codec.SMFIF_QUARANTINE
+    assert c.actions == WANTED_ACTIONS | codec.SMFIF_SETSYMLIST
+    # Macros: the queue id and the AUTH user at MAIL, nothing at any other stage.
+    lists = c.macro_lists
+    assert lists[codec.SMFIM_ENVFROM] == b"i {auth_authen}"
+    assert all(lists[stage] == b"" for stage in range(7) if stage != codec.SMFIM_ENVFROM)
     assert c.protocol & codec.SMFIP_HDR_LEADSPC
     for no_reply in (codec.SMFIP_NR_CONN, codec.SMFIP_NR_MAIL, codec.SMFIP_NR_RCPT, codec.SMFIP_NR_HDR):
         assert c.protocol & no_reply

@@ -56,6 +56,16 @@ PROGRESS = b"p"
 SMFIF_ADDHDRS = 0x01
 SMFIF_CHGHDRS = 0x10
 SMFIF_QUARANTINE = 0x20
+SMFIF_SETSYMLIST = 0x100
+
+# Macro stages for SMFIF_SETSYMLIST (SMFIM_*): which macros the MTA sends with which event.
+SMFIM_CONNECT = 0
+SMFIM_HELO = 1
+SMFIM_ENVFROM = 2
+SMFIM_ENVRCPT = 3
+SMFIM_DATA = 4
+SMFIM_EOM = 5
+SMFIM_EOH = 6
 
 # Protocol flags (SMFIP_*): events the MTA should not send (NO*), events it
 # should not wait for a reply to (NR_*), and header values with their
@@ -154,8 +164,12 @@ def parse_optneg(data: bytes) -> Negotiate:
     return Negotiate(version, actions, protocol)
 
 
-def encode_optneg(actions: int, protocol: int) -> bytes:
-    return encode(OPTNEG, struct.pack(">III", VERSION, actions, protocol))
+def encode_optneg(actions: int, protocol: int, macros: dict[int, str] | None = None) -> bytes:
+    """The filter's OPTNEG; `macros` (with SMFIF_SETSYMLIST): stage -> space-separated names."""
+    data = struct.pack(">III", VERSION, actions, protocol)
+    for stage, names in (macros or {}).items():
+        data += struct.pack(">I", stage) + names.encode("ascii") + b"\0"
+    return encode(OPTNEG, data)
 
 
 def parse_macros(data: bytes) -> tuple[bytes, dict[str, str]]:

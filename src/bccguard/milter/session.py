@@ -47,6 +47,18 @@ WANTED_PROTOCOL = (
     | codec.SMFIP_HDR_LEADSPC
 )
 WANTED_ACTIONS = codec.SMFIF_ADDHDRS | codec.SMFIF_CHGHDRS | codec.SMFIF_QUARANTINE
+# The only macros used: the MTA's queue id (for the log) and the AUTH user (for `users =`
+# rules), both known at MAIL. Every other stage gets an empty list: the MTA need not
+# expand and send, per recipient, macros nobody reads (Postfix's defaults).
+WANTED_MACROS = {
+    codec.SMFIM_CONNECT: "",
+    codec.SMFIM_HELO: "",
+    codec.SMFIM_ENVFROM: "i {auth_authen}",
+    codec.SMFIM_ENVRCPT: "",
+    codec.SMFIM_DATA: "",
+    codec.SMFIM_EOH: "",
+    codec.SMFIM_EOM: "",
+}
 READ_CHUNK = 256 * 1024
 MACRO_STAGES = (codec.CONNECT, codec.HELO, codec.MAIL, codec.RCPT, codec.DATA, codec.EOH, codec.BODYEOB)
 TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
@@ -241,11 +253,15 @@ class MilterSession:
             raise codec.MilterProtocolError(f"MTA speaks milter protocol {offer.version}, bccguard needs 6")
         self._protocol = WANTED_PROTOCOL & offer.protocol
         self._actions = WANTED_ACTIONS & offer.actions
+        macros = None
+        if offer.actions & codec.SMFIF_SETSYMLIST:
+            self._actions |= codec.SMFIF_SETSYMLIST
+            macros = WANTED_MACROS
         rt = self._runtime_ref()
         if rt.config.milter.quarantine == "mta" and not self._actions & codec.SMFIF_QUARANTINE:
             # Nothing is lost: quarantined mail goes to bccguard's own store instead.
             rt.log.warning("milter_no_mta_quarantine", session_id=self.session_id)
-        return codec.encode_optneg(self._actions, self._protocol)
+        return codec.encode_optneg(self._actions, self._protocol, macros)
 
     def _current(self) -> _Message:
         if self._msg is None:  # headers before MAIL: Postfix never does this; a broken peer might
