@@ -82,18 +82,18 @@ class MilterListener:
         self.sessions: set[MilterSession] = set()
         self.server: asyncio.base_events.Server | None = None
         self.address = ""
-        self._path = ""
 
     async def start(self, sock: socket.socket) -> None:
         self.address = describe(sock)
-        if sock.family == socket.AF_UNIX:
-            self._path = str(sock.getsockname())
-            self.server = await asyncio.start_unix_server(self._serve, sock=sock, limit=2**16)
-        else:
-            self.server = await asyncio.start_server(self._serve, sock=sock, limit=2**16)
+        loop = asyncio.get_running_loop()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await MilterSession(self._runtime_ref, reader, writer, self.sessions).run()
+        def factory() -> MilterSession:
+            return MilterSession(self._runtime_ref, self.sessions)
+
+        if sock.family == socket.AF_UNIX:
+            self.server = await loop.create_unix_server(factory, sock=sock)
+        else:
+            self.server = await loop.create_server(factory, sock=sock)
 
     def is_serving(self) -> bool:
         return self.server is not None and self.server.is_serving()
@@ -111,4 +111,4 @@ class MilterListener:
     def cut(self) -> None:
         """After the drain: close what is left (no answer was given, so the MTA tempfails)."""
         for s in list(self.sessions):
-            s.writer.close()
+            s.close()
