@@ -33,6 +33,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from bccguard.app import App
+from milter_client import MtaClient
 from observability_helpers import (
     ALERTS,
     PROM_CONFIG,
@@ -81,6 +82,7 @@ def relay_extra() -> dict[str, Any]:
     return {
         "upstream": {"timeout": 15.0},
         "metrics": {"listen": "127.0.0.1:0"},
+        "milter": {"listen": "inet:127.0.0.1:0"},
         "policy": {
             "max_visible_external": 2,
             "action": "rewrite",
@@ -237,6 +239,24 @@ async def traffic(port: int, sink: Sink) -> dict[str, list[int]]:
     return codes
 
 
+async def milter_traffic(relay: App) -> MtaClient:
+    """Beside SMTP, the milter edge: a rewrite, a broken session, and one left open (returned)."""
+    assert relay.milter is not None
+    c = await MtaClient.connect(relay.milter.address)
+    await c.negotiate()
+    await c.envelope("m99@marketing.corp.example", EXPOSED_TO)
+    head = f"From: m99@marketing.corp.example\r\nTo: {', '.join(EXPOSED_TO)}\r\nSubject: x\r\n\r\nhi\r\n"
+    answer = await c.message(head.encode())
+    assert answer[-1] == (b"c", b"") and any(cmd == b"m" for cmd, _ in answer)
+    c.close()
+    broken = await MtaClient.connect(relay.milter.address)
+    await broken.send_raw(b"\xff\xff\xff\xffjunk")
+    assert await broken.closed()
+    idle = await MtaClient.connect(relay.milter.address)
+    await idle.negotiate()
+    return idle
+
+
 def split_copies(sink: Sink) -> list[Any]:
     return [m for m in sink.messages if m.mail_from.endswith("@survey.corp.example") and m.reply[0] == "2"]
 
@@ -326,8 +346,12 @@ async def test_dashboard_and_alert_expressions_against_real_prometheus(
     for (action, rule), n in logged.items():
         assert count(action, rule) == n, (action, rule)
 
+    idle = await milter_traffic(relay)
+    await asyncio.sleep(2.5)  # scraped and evaluated after the milter traffic too
+
     # Blocking HTTP from here on runs in a thread: the relay shares this event loop.
     problems = await asyncio.to_thread(check_expressions, base, target)
+    idle.close()
 
     # Nothing Prometheus stored carries an address, whatever the traffic contained.
     series = await asyncio.to_thread(query, base, '{job="bccguard"}')

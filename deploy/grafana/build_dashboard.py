@@ -140,6 +140,23 @@ def panels() -> list[Panel]:
               "Replies sent to clients per second by class; 4xx means clients retry later.",
               [target(f"sum by (class) (rate(bccguard_smtp_replies_total{{{SEL}}}[{RI}]))",
                       "{{class}}")], unit="ops", stack=True),
+        # --- milter front end (the MTA asks bccguard inside its own transaction)
+        panel("timeseries", "Milter sessions",
+              "Open MTA connections per relay, and new ones per second.",
+              [target(f"sum by (instance) (bccguard_milter_sessions_active{{{SEL}}})",
+                      "open {{instance}}"),
+               target(f"sum by (instance) (rate(bccguard_milter_sessions_total{{{SEL}}}[{RI}]))",
+                      "new/s {{instance}}")]),
+        panel("timeseries", "Milter answers",
+              "Final answers to the MTA per second: continue, edit (rewritten), discard (held or "
+              "split by bccguard), quarantine (MTA hold queue), reject, tempfail (the client retries).",
+              [target(f"sum by (response) (rate(bccguard_milter_responses_total{{{SEL}}}[{RI}]))",
+                      "{{response}}")], unit="ops", stack=True),
+        panel("timeseries", "Milter errors",
+              "Sessions or messages cut short: protocol errors, timeouts, MTA disconnects "
+              "mid-message, messages over max_message_size.",
+              [target(f"sum by (kind) (rate(bccguard_milter_errors_total{{{SEL}}}[{RI}]))",
+                      "{{kind}}")], unit="ops", stack=True),
         panel("timeseries", "Quarantine depth", "Messages and bytes held for review.",
               [target(f"sum by (instance) (bccguard_quarantine_messages{{{SEL}}})",
                       "messages {{instance}}"),

@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bccguard import __version__
 from bccguard.config import Config, ConfigError, load, parse_hostport
@@ -36,6 +37,9 @@ from bccguard.store.spool import Spool
 from bccguard.systemd import notify
 from bccguard.upstream import open_upstream
 from bccguard.workers import WorkerRole
+
+if TYPE_CHECKING:
+    from bccguard.milter.listener import MilterListener
 
 PROBE_INTERVAL = 15.0
 
@@ -78,6 +82,7 @@ class App:
         self.gate = SessionGate()
         self.sessions: set[RelaySMTP] = set()
         self.server: asyncio.base_events.Server | None = None
+        self.milter: MilterListener | None = None
         self.ops: Any = None
         self.retrier = Retrier(lambda: self.runtime)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -114,6 +119,56 @@ class App:
     # ------------------------------------------------------------ start/stop
     async def start(self) -> None:
         cfg = self.runtime.config
+        if self.worker is None:
+            # One relay per spool and quarantine (ops/instance.py); a supervisor
+            # holds these locks for its workers.
+            self._locks.append(lock_dir(cfg.spool.path, "spool.path"))
+            self._locks.append(lock_dir(cfg.quarantine.path, "quarantine.path"))
+        host = ""
+        try:
+            if cfg.server.listen:  # empty: a milter-only deployment
+                host = await self._start_smtp(cfg)
+            if cfg.milter.listen:
+                await self._start_milter(cfg)
+            if cfg.metrics.listen and self.worker is None:
+                from bccguard.ops.http import OpsServer
+
+                self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
+                with binding("metrics.listen", cfg.metrics.listen):
+                    self.ops.start()
+        except BaseException:
+            if self.server is not None:
+                self.server.close()
+            if self.milter is not None:
+                await self.milter.close()
+            release(self._locks)
+            raise
+        self.metrics.quarantine_set(*self.runtime.quarantine.depth())
+        self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
+        if self.worker is None or self.worker.runs_retrier:
+            # One worker only: two would retry the same spooled copy, and each
+            # would count every release in the audit log (the sum doubles).
+            self._tasks.append(asyncio.create_task(self.retrier.run(), name="spool"))
+            self._tasks.append(asyncio.create_task(self._watch_stores(), name="store-metrics"))
+        self._tasks.append(asyncio.create_task(self._watch_upstream(), name="upstream-probe"))
+        self.log.info(
+            "started",
+            version=__version__,
+            listen=f"{host}:{self.port}" if cfg.server.listen else "",
+            milter=self.milter.address if self.milter is not None else "",
+            upstream=_scheme(cfg.upstream.url),
+            config=cfg.source,
+            rules=len(cfg.policy.rules),
+            worker=self.worker.index if self.worker is not None else None,
+        )
+        if cfg.logging.log_addresses:
+            self.log.warning("address_logging_enabled", note="logs will contain full email addresses")
+        if self.worker is not None:
+            self.worker.signal_ready()
+        else:
+            notify("READY=1")
+
+    async def _start_smtp(self, cfg: Config) -> str:
         host, port = parse_hostport(cfg.server.listen)
         handler = RelayHandler(lambda: self.runtime)
         loop = asyncio.get_running_loop()
@@ -129,59 +184,33 @@ class App:
 
         if self.worker is not None:
             # The supervisor reserved the port (and resolved ":0"); every worker joins it.
-            # It also holds the instance locks (ops/instance.py) for all of them.
             port = self.worker.port
-        else:
-            self._locks.append(lock_dir(cfg.spool.path, "spool.path"))
-            self._locks.append(lock_dir(cfg.quarantine.path, "quarantine.path"))
-        try:
-            with binding("server.listen", cfg.server.listen):
-                self.server = await loop.create_server(
-                    factory, host=host or None, port=port, reuse_port=self.worker is not None
-                )
-        except BaseException:
-            release(self._locks)
-            raise
+        with binding("server.listen", cfg.server.listen):
+            self.server = await loop.create_server(
+                factory, host=host or None, port=port, reuse_port=self.worker is not None
+            )
         sock = self.server.sockets[0]
         self.port = sock.getsockname()[1]
-        if cfg.metrics.listen and self.worker is None:
-            from bccguard.ops.http import OpsServer
+        return host
 
-            self.ops = OpsServer(cfg.metrics.listen, self.metrics, self.readiness)
-            try:
-                with binding("metrics.listen", cfg.metrics.listen):
-                    self.ops.start()
-            except BaseException:
-                self.server.close()
-                release(self._locks)
-                raise
-        self.metrics.quarantine_set(*self.runtime.quarantine.depth())
-        self._audit_offset = self.runtime.quarantine.audit_size()  # count releases from now on
-        if self.worker is None or self.worker.runs_retrier:
-            # One worker only: two would retry the same spooled copy, and each
-            # would count every release in the audit log (the sum doubles).
-            self._tasks.append(asyncio.create_task(self.retrier.run(), name="spool"))
-            self._tasks.append(asyncio.create_task(self._watch_stores(), name="store-metrics"))
-        self._tasks.append(asyncio.create_task(self._watch_upstream(), name="upstream-probe"))
-        self.log.info(
-            "started",
-            version=__version__,
-            listen=f"{host}:{self.port}",
-            upstream=_scheme(cfg.upstream.url),
-            config=cfg.source,
-            rules=len(cfg.policy.rules),
-            worker=self.worker.index if self.worker is not None else None,
-        )
-        if cfg.logging.log_addresses:
-            self.log.warning("address_logging_enabled", note="logs will contain full email addresses")
-        if self.worker is not None:
-            self.worker.signal_ready()
+    async def _start_milter(self, cfg: Config) -> None:
+        """The milter listener: the worker's inherited socket, or one bound here."""
+        from bccguard.milter.listener import MilterListener, bind_socket
+
+        fd = self.worker.milter_fd if self.worker is not None else -1
+        if fd >= 0:
+            sock = socket.socket(fileno=fd)
         else:
-            notify("READY=1")
+            with binding("milter.listen", cfg.milter.listen):
+                sock = bind_socket(cfg.milter)
+        self.milter = MilterListener(lambda: self.runtime)
+        await self.milter.start(sock)
 
     def readiness(self) -> tuple[bool, str]:
-        if self.server is None or not self.server.is_serving():
+        if self.runtime.config.server.listen and (self.server is None or not self.server.is_serving()):
             return False, "SMTP listener not up"
+        if self.runtime.config.milter.listen and (self.milter is None or not self.milter.is_serving()):
+            return False, "milter listener not up"
         state = read_state(self.metrics.registry.collect())
         return upstream_readiness(state, now=time.time(), outbox=outbox_path(self.runtime.config.upstream))
 
@@ -226,9 +255,11 @@ class App:
         notify("STOPPING=1")
         if self.server is not None:
             self.server.close()
+        if self.milter is not None:
+            await self.milter.close()
         await asyncio.gather(*(s.shutdown() for s in list(self.sessions)), return_exceptions=True)
         deadline = time.monotonic() + timeout
-        while any(s.busy for s in self.sessions) and time.monotonic() < deadline and not self._force.is_set():  # noqa: ASYNC110 - a few flags, bounded by shutdown_timeout
+        while self._busy() and time.monotonic() < deadline and not self._force.is_set():  # noqa: ASYNC110 - a few flags, bounded by shutdown_timeout
             await asyncio.sleep(0.05)
         # Still in DATA or waiting on the upstream: 421 4.3.2 before the close,
         # and the upstream transaction abandoned (see RelaySMTP.cut_for_shutdown).
@@ -238,6 +269,8 @@ class App:
             await asyncio.wait(deliveries, timeout=2.0)
         if cut:
             self.log.warning("shutdown_cut", sessions=cut, note="421 4.3.2 sent; clients retry")
+        if self.milter is not None:
+            self.milter.cut()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -254,6 +287,10 @@ class App:
         release(self._locks)
         worker = self.worker.index if self.worker is not None else None
         self.log.info("stopped", drained=not cut, worker=worker)
+
+    def _busy(self) -> bool:
+        """A message being decided on either edge: the drain waits for it."""
+        return any(s.busy for s in self.sessions) or (self.milter is not None and self.milter.busy)
 
     # ------------------------------------------------------------ reload
     def _count_reload(self, ok: bool) -> None:
@@ -274,13 +311,15 @@ class App:
             new = load(self.config_path, self.overrides)
             # Against the address actually bound, not the last file: a listen change
             # reverted before any restart needs none.
-            if parse_hostport(new.server.listen) != parse_hostport(self._bound_listen):
+            if _listen_key(new.server.listen) != _listen_key(self._bound_listen):
                 self.log.warning(
                     "reload_listen_unchanged",
                     reason="server.listen needs a restart",
                     listening=self._bound_listen,
                     configured=new.server.listen,
                 )
+            if new.milter.listen != self.runtime.config.milter.listen:
+                self.log.warning("reload_listen_unchanged", reason="milter.listen needs a restart")
             runtime = self._build_runtime(new)
         except ConfigError as exc:
             self._count_reload(False)
@@ -377,6 +416,11 @@ def load_credentials(config: Config) -> Credentials | None:
         return Credentials.load(config.server.auth_file)
     except CredentialsError as exc:
         raise ConfigError([f"server.auth_file: {p}" for p in str(exc).splitlines()]) from None
+
+
+def _listen_key(listen: str) -> tuple[str, int] | None:
+    """`server.listen` normalised for comparison; "" (no SMTP listener) is None."""
+    return parse_hostport(listen) if listen else None
 
 
 def _scheme(url: str) -> str:

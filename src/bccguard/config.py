@@ -276,7 +276,10 @@ class TLSConfig:
 class ServerConfig:
     listen: str = field(
         default="127.0.0.1:10025",
-        metadata=_check(_listen, 'use "host:port", e.g. "127.0.0.1:10025" or "[::1]:10025"'),
+        metadata=_check(
+            lambda v: _listen(v) if v else v,
+            'use "host:port", e.g. "127.0.0.1:10025", or "" with a [milter] listener only',
+        ),
     )
     hostname: str = field(default_factory=socket.gethostname)
     allowed_networks: tuple[IPNetwork, ...] = field(
@@ -416,6 +419,67 @@ class NotifyConfig:
     from_: str = field(
         default="",
         metadata={**_check(_mailbox, 'an address, e.g. "postmaster@corp.example"'), "key": "from"},
+    )
+
+
+def milter_listen(value: str) -> tuple[str, str, int]:
+    """`inet:host:port` (also `inet6:`), `unix:/path` (also `local:`) -> (kind, host or path, port)."""
+    kind, sep, rest = value.partition(":")
+    if not sep or not rest:
+        raise ValueError(f"{value!r} has no kind")
+    if kind in ("unix", "local"):
+        if not rest.startswith("/"):
+            raise ValueError(f"{rest!r} is not an absolute path")
+        return "unix", rest, 0
+    if kind in ("inet", "inet6"):
+        # Sendmail's own spelling is `inet:port@host`; Postfix's is `inet:host:port`. Both work.
+        if "@" in rest:
+            port_s, _, host = rest.partition("@")
+            rest = f"[{host}]:{port_s}" if ":" in host else f"{host}:{port_s}"
+        host, port = parse_hostport(rest)
+        return "inet", host, port
+    raise ValueError(f"{kind!r} is not inet or unix")
+
+
+def _milter_listen(value: str) -> str:
+    if value:
+        milter_listen(value)
+    return value
+
+
+def _mode(value: str) -> str:
+    if not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError(f"{value!r} is not an octal mode")
+    return value
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    """The milter listener: the MTA (Postfix `smtpd_milters`) asks bccguard inside its own transaction.
+
+    Empty `listen`: no milter listener. `mode`/`owner`/`group` apply to a
+    unix socket (Postfix's smtpd runs as `postfix`, inside a chroot when
+    configured so: put the socket where it can reach it). `quarantine`:
+    "bccguard" holds the message in bccguard's quarantine (then tells the
+    MTA to discard it); "mta" asks the MTA to hold it (Postfix: the hold
+    queue, released with `postsuper -H`).
+    """
+
+    listen: str = field(
+        default="",
+        metadata=_check(
+            _milter_listen, 'use "inet:127.0.0.1:8891", "unix:/run/bccguard/milter.sock" or "" for none'
+        ),
+    )
+    mode: str = field(default="0660", metadata=_check(_mode, 'an octal mode string, e.g. "0660"'))
+    owner: str = ""
+    group: str = ""
+    quarantine: str = field(
+        default="bccguard",
+        metadata=_check(
+            lambda v: v if v in ("bccguard", "mta") else _raise(f"{v!r} is not bccguard or mta"),
+            '"bccguard" (its own quarantine) or "mta" (the MTA\'s hold queue)',
+        ),
     )
 
 
@@ -650,6 +714,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     dlp: DlpSettings = field(default_factory=DlpSettings)
+    milter: MilterConfig = field(default_factory=MilterConfig)
     source: str = "embedded defaults"
 
 
@@ -888,8 +953,27 @@ def _cross_checks(cfg: Config, source: str) -> None:
             problems.append(
                 f"{where}: {settings.dlp.low} is above high ({settings.dlp.high}) (fix: low <= high)"
             )
+    problems += _milter_checks(cfg)
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
+
+
+def _milter_checks(cfg: Config) -> list[str]:
+    """A listener at all; a socket owner and group that exist on this host."""
+    import grp
+    import pwd
+
+    problems = []
+    m = cfg.milter
+    if not cfg.server.listen and not m.listen:
+        problems.append('server.listen: empty, and no [milter] listen either (fix: set at least one)')
+    for key, value, lookup in (("owner", m.owner, pwd.getpwnam), ("group", m.group, grp.getgrnam)):
+        if value and not value.isdigit():
+            try:
+                lookup(value)
+            except KeyError:
+                problems.append(f"milter.{key}: no such {'user' if key == 'owner' else 'group'} {value!r}")
+    return problems
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -943,6 +1027,7 @@ __all__ = [
     "DlpSettings",
     "LoggingConfig",
     "MetricsConfig",
+    "MilterConfig",
     "NotifyConfig",
     "PolicyConfig",
     "PolicySettings",

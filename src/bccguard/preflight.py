@@ -18,7 +18,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from bccguard.config import Config, parse_hostport, upstream_parts
+from bccguard.config import Config, milter_listen, parse_hostport, upstream_parts
 
 # The `serve` flag that overrides each key (see cli.py), for the fix of a start-up error.
 FLAGS = {
@@ -84,13 +84,26 @@ def address_in_use(key: str, value: str) -> StartError:
     Why the holder: with SO_REUSEPORT a second relay used to join the first
     silently; now it is refused, and the admin needs to know by whom.
     """
-    _, port = parse_hostport(value)
+    if value.startswith(("unix:", "local:")):  # a path: a live socket, or a file that is no socket
+        return StartError(
+            key,
+            value,
+            "address already in use (EADDRINUSE): something answers there, or a file that is not a socket",
+            f"stop that process or move the file, or set another path {key_hint(key)}",
+        )
     return StartError(
         key,
         value,
-        f"address already in use (EADDRINUSE) by {port_holder(port)}",
+        f"address already in use (EADDRINUSE) by {port_holder(_port_of(value))}",
         f"stop it, or set a free port {key_hint(key)}",
     )
+
+
+def _port_of(value: str) -> int:
+    """The TCP port of a listen value: "host:port", or the milter's "inet:host:port"; 0 for a path."""
+    if value.startswith(("inet:", "inet6:", "unix:", "local:")):
+        return milter_listen(value)[2]
+    return parse_hostport(value)[1]
 
 
 def port_holder(port: int) -> str:
@@ -98,6 +111,8 @@ def port_holder(port: int) -> str:
 
     Looked up in /proc (Linux; only processes this user may inspect).
     """
+    if port == 0:
+        return "another process"
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):

@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bccguard.config import Config
 from bccguard.notify import Notifier
@@ -91,6 +91,27 @@ def reply_line(code: int, text: str) -> str:
     return f"{code} {text}".rstrip()[:MAX_REPLY]
 
 
+class Handoff(Protocol):
+    """Where a decided message goes when the caller, not the upstream, delivers it.
+
+    The milter edge (milter/session.py) passes one to `Relay.process`: the
+    MTA keeps the message, so "forward" becomes header edits handed back to
+    it, and with `[milter] quarantine = "mta"` a quarantine verdict goes to
+    the MTA's hold queue. Reject, split and bccguard's own quarantine run
+    exactly as for the SMTP edge: one decision path for both edges.
+    """
+
+    async def forward(
+        self, outcome: Outcome, env: Envelope, content: bytes, session_id: str
+    ) -> tuple[str, dict[str, Any]]: ...
+
+    async def hold(
+        self, outcome: Outcome, env: Envelope, session_id: str
+    ) -> tuple[str, dict[str, Any]] | None:
+        """A reply when the MTA holds the message itself; None: bccguard's quarantine."""
+        ...
+
+
 @dataclass
 class Runtime:
     """One immutable-by-convention snapshot: config and the objects built from it.
@@ -141,6 +162,7 @@ class Relay:
         session_id: str,
         client: str,
         started: float,
+        handoff: Handoff | None = None,
     ) -> str:
         rt = self.rt
         env = Envelope(mail_from=mail_from, rcpt_tos=rcpt_tos, smtputf8=smtputf8, auth_user=auth_user)
@@ -188,7 +210,7 @@ class Relay:
                     log_fields["would"] = v.would.value
                 if v.signed:
                     log_fields["dkim_signed"] = True
-                reply, upstream_fields = await self._act(outcome, env, content, session_id)
+                reply, upstream_fields = await self._act(outcome, env, content, session_id, handoff)
                 log_fields.update(upstream_fields)
                 try:
                     await rt.notifier.after(rt, outcome, env, reply, session_id)
@@ -234,12 +256,16 @@ class Relay:
         return None
 
     async def _act(
-        self, outcome: Outcome, env: Envelope, content: bytes, session_id: str
+        self, outcome: Outcome, env: Envelope, content: bytes, session_id: str, handoff: Handoff | None = None
     ) -> tuple[str, dict[str, Any]]:
         v = outcome.verdict
         rt = self.rt
         if v.action is Action.REJECT:
             return reply_line(550, f"5.7.1 {v.reason} (bccguard rule {v.rule})"), {}
+        if v.action is Action.QUARANTINE and handoff is not None:
+            held = await handoff.hold(outcome, env, session_id)
+            if held is not None:
+                return held
         if v.action is Action.QUARANTINE:
             try:
                 entry_id = await asyncio.to_thread(
@@ -255,6 +281,8 @@ class Relay:
             )
         if v.action is Action.SPLIT:
             return await self._split(outcome, env, content, session_id)
+        if handoff is not None:
+            return await handoff.forward(outcome, env, content, session_id)
         return await self.forward(outcome.message, env, session_id)
 
     async def _split(

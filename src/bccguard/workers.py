@@ -78,17 +78,17 @@ class WorkerRole:
     port: int
     ready_fd: int = -1
     lifeline_fd: int = -1  # EOF here: the supervisor is gone
+    milter_fd: int = -1  # the milter listening socket the supervisor bound, shared by every worker
 
     def encode(self) -> str:
-        return f"{self.index},{self.count},{self.port},{self.ready_fd},{self.lifeline_fd}"
+        return f"{self.index},{self.count},{self.port},{self.ready_fd},{self.lifeline_fd},{self.milter_fd}"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> WorkerRole | None:
         value = (os.environ if environ is None else environ).get(ENV_WORKER)
         if not value:
             return None
-        index, count, port, ready_fd, lifeline_fd = (int(x) for x in value.split(","))
-        return cls(index, count, port, ready_fd, lifeline_fd)
+        return cls(*(int(x) for x in value.split(",")))
 
     @property
     def runs_retrier(self) -> bool:
@@ -168,6 +168,7 @@ class Supervisor:
         self._hup = False
         self._draining = False  # _shutdown() has sent the first SIGTERM
         self._sock: socket.socket | None = None
+        self._milter: socket.socket | None = None
         self._ops: Any = None
         self._metrics_dir: str | None = None
         self._own_metrics_dir = False
@@ -192,9 +193,17 @@ class Supervisor:
         cfg = self.config
         self._locks.append(lock_dir(cfg.spool.path, "spool.path"))
         self._locks.append(lock_dir(cfg.quarantine.path, "quarantine.path"))
-        with binding("server.listen", cfg.server.listen):
-            probe_listen(cfg.server.listen)
-            self._sock, _, self.port = reserve_port(cfg.server.listen)
+        if cfg.server.listen:
+            with binding("server.listen", cfg.server.listen):
+                probe_listen(cfg.server.listen)
+                self._sock, _, self.port = reserve_port(cfg.server.listen)
+        if cfg.milter.listen:
+            # One listening socket, inherited by every worker: one accept queue, and
+            # a unix socket path cannot be shared the SO_REUSEPORT way.
+            from bccguard.milter.listener import bind_socket
+
+            with binding("milter.listen", cfg.milter.listen):
+                self._milter = bind_socket(cfg.milter)
         self._setup_metrics_dir()
         if cfg.metrics.listen:
             # Before the workers: a taken port fails fast, and /healthz answers during start.
@@ -227,7 +236,8 @@ class Supervisor:
     def _worker_env(self, w: _Worker, ready_w: int, lifeline_r: int) -> dict[str, str]:
         env = dict(os.environ)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self._metrics_dir)
-        env[ENV_WORKER] = WorkerRole(w.index, self.count, self.port, ready_w, lifeline_r).encode()
+        milter_fd = self._milter.fileno() if self._milter is not None else -1
+        env[ENV_WORKER] = WorkerRole(w.index, self.count, self.port, ready_w, lifeline_r, milter_fd).encode()
         env.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
         return env
 
@@ -240,7 +250,7 @@ class Supervisor:
             w.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
                 self.argv,
                 env=self._worker_env(w, ready_w, lifeline_r),
-                pass_fds=(ready_w, lifeline_r),
+                pass_fds=(ready_w, lifeline_r, *([self._milter.fileno()] if self._milter else [])),
             )
         except BaseException:
             os.close(ready_r)
@@ -386,6 +396,9 @@ class Supervisor:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._milter is not None:
+            self._milter.close()
+            self._milter = None
         if self._own_metrics_dir and self._metrics_dir:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
         release(self._locks)

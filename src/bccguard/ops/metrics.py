@@ -78,6 +78,9 @@ RELEASE_RESULTS: Final = ("released", "partial", "failed")
 # Sender notices: spooled for delivery, dropped by the per-sender rate limit, or
 # suppressed because the message was automatic (bounce, list, auto-reply).
 NOTICE_RESULTS: Final = ("sent", "rate_limited", "suppressed")
+# Milter edge (milter/): the final answer per message to the MTA, and why a session ended early.
+MILTER_RESPONSES: Final = ("continue", "edit", "discard", "quarantine", "reject", "tempfail")
+MILTER_ERRORS: Final = ("protocol", "timeout", "disconnect", "too_big")
 
 # Customer data ([dlp]): detectors, levels and scan limits (policy/dlp/model.py).
 DLP_DETECTORS: Final = ("email", "phone", "iban", "card", "national_id", "customer_table")
@@ -280,6 +283,29 @@ class Metrics:
             ["class"], registry=r,
         )  # fmt: skip
         self._replies = {k: c for (k,), c in _children(replies, REPLY_CLASSES).items()}
+
+        # --- milter front end (beside SMTP: the same messages, another way in)
+        self._milter_active = Gauge(
+            f"{p}_milter_sessions_active", "Milter sessions (MTA connections) currently open.",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self._milter_sessions = Counter(
+            f"{p}_milter_sessions", "Milter sessions opened by the MTA.", registry=r,
+        )  # fmt: skip
+        milter_responses = Counter(
+            f"{p}_milter_responses",
+            "Final milter answers per message: continue (unchanged), edit (headers rewritten), "
+            "discard (held or split by bccguard), quarantine (MTA hold queue), reject, tempfail.",
+            ["response"], registry=r,
+        )  # fmt: skip
+        self._milter_responses = {k: c for (k,), c in _children(milter_responses, MILTER_RESPONSES).items()}
+        milter_errors = Counter(
+            f"{p}_milter_errors",
+            "Milter sessions or messages cut short: protocol error, timeout, MTA disconnect "
+            "mid-message, message over max_message_size.",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self._milter_errors = {k: c for (k,), c in _children(milter_errors, MILTER_ERRORS).items()}
 
         # --- quarantine: the store is shared on disk, so any worker's latest
         # reading is the truth ("mostrecent"), not a sum over workers.
@@ -512,6 +538,23 @@ class Metrics:
         """Any SMTP reply we send, counted by class so a code never becomes a label."""
         _get(self._replies, reply_class(code), "reply class").inc()
 
+    # ----------------------------------------------------------------- milter
+
+    def milter_session_opened(self) -> None:
+        """The MTA opened a milter connection (pair with `milter_session_closed`)."""
+        self._milter_sessions.inc()
+        self._milter_active.inc()
+
+    def milter_session_closed(self) -> None:
+        self._milter_active.dec()
+
+    def milter_response(self, response: str) -> None:
+        """The final answer given to the MTA for one message."""
+        _get(self._milter_responses, response, "milter response").inc()
+
+    def milter_error(self, kind: str) -> None:
+        _get(self._milter_errors, kind, "milter error").inc()
+
     # ------------------------------------------------------------ quarantine
 
     def quarantine_set(self, messages: int, bytes_: int) -> None:
@@ -581,6 +624,8 @@ __all__ = [
     "CONNECTION_RESULTS",
     "DEFAULT_RULE",
     "MAX_RULES",
+    "MILTER_ERRORS",
+    "MILTER_RESPONSES",
     "NOTICE_RESULTS",
     "OVERFLOW_RULE",
     "PREVENTING_ACTIONS",

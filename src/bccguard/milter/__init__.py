@@ -1,0 +1,1 @@
+"""The milter edge: MTA events -> (envelope, message bytes) -> the relay's decision -> header edits/reply."""
