@@ -316,7 +316,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
     # ------------------------------------------------------------ pages
     async def listing(request: Request) -> Response:
         f = view.Filters.from_query(request.query_params)
-        rows = await asyncio.to_thread(view.rows, console.q, f)
+        rows = await asyncio.to_thread(view.rows, console.q, f, cfg)
         size = cfg.console.page_size
         pages = max(1, math.ceil(len(rows) / size))
         try:
@@ -414,6 +414,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
             if e is not None:
                 r = review.summary(console.q, e)
                 r["sender_domain"] = view.sender_domain(r.pop("mail_from"))
+                r["subject"] = view.masker(cfg, console.q, e)(r["subject"])
                 out.append(r)
         return out
 
