@@ -140,6 +140,7 @@ def _detect_text(
                 elif cls is AddressClass.EXTERNAL:
                     out["email"].add(f"e:{local}@{domain.lower()}")
     if _digits(text) >= MIN_DIGITS:
+        text = numbers.mask(text, numbers.dates(text))
         found, used = numbers.ibans(text)
         spans += used
         if "iban" in out:
