@@ -413,3 +413,13 @@ def test_nhs_numbers_count_written_the_nhs_way_or_where_the_nhs_is_named() -> No
     assert text_counts("Patient 943 476 5919 seen today") == {"national_id": 1}
     assert text_counts("NHS no: 9434765919") == {"national_id": 1}
     assert "national_id" not in text_counts("Order 9434765919 dispatched")
+
+
+def test_one_instance_however_it_is_written() -> None:
+    text = (
+        "Alice.Smith@Gmail.com, alice.smith@gmail.com, ALICE.SMITH@GMAIL.COM\n"
+        "07400 123456 / +44 7400 123456 / 0044 (0)7400-123-456\n"
+        "GB82 WEST 1234 5698 7654 32 and GB82WEST12345698765432\n"
+        "4111 1111 1111 1111 or 4111-1111-1111-1111\n"
+    )
+    assert text_counts(text) == {"email": 2, "phone": 1, "iban": 1, "card": 1}  # a consumer address weighs 2

@@ -133,12 +133,14 @@ def _detect_text(
         for m in _EMAIL.finditer(text):
             spans.append(m.span())
             if "email" in out:
-                local, _, domain = m.group().rpartition("@")
+                # One customer written Alice@Gmail.com and alice@gmail.com is one instance: every
+                # mailbox provider treats the local part without case, so the count does too.
+                local, _, domain = m.group().lower().rpartition("@")
                 cls = classify_domain(normalize_domain(domain), settings)
                 if cls is AddressClass.CONSUMER:
-                    out["email"].add(f"c:{local}@{domain.lower()}")
+                    out["email"].add(f"c:{local}@{domain}")
                 elif cls is AddressClass.EXTERNAL:
-                    out["email"].add(f"e:{local}@{domain.lower()}")
+                    out["email"].add(f"e:{local}@{domain}")
     if _digits(text) >= MIN_DIGITS:
         text = numbers.mask(text, numbers.dates(text))
         found, used = numbers.ibans(text)
