@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
 import re
 from pathlib import Path
+from urllib.parse import urlencode
 
 from conftest import StartRelay, message, send
 from console_helpers import Client, Reply, add_users, cli, console_toml, csrf_of, running_console
@@ -359,3 +361,45 @@ async def test_a_customer_address_in_the_subject_or_a_file_name_is_masked_until_
         assert "Complaint from" in shown["list filtered"].body and "@gmail.com" in shown["list"].body
         revealed = await r.post(f"/message/{entry_id}/reveal", {"csrf": token})
         assert "jane.doe@gmail.com" in revealed.body  # a reviewer may reveal it (audited)
+
+
+class FromAddress(Client):
+    """A client whose connections leave from another loopback address (127.0.0.N)."""
+
+    def __init__(self, base: str, source: str) -> None:
+        super().__init__(base)
+        self.source = source
+
+    def _conn(self) -> http.client.HTTPConnection:
+        host, port = self.base.split("://")[1].split(":")
+        return http.client.HTTPConnection(host, int(port), timeout=30, source_address=(self.source, 0))
+
+
+async def test_login_rate_limit_per_account_across_addresses_and_no_forwarded_for_bypass(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    config = console_toml(tmp_path, sink.url, {"console": {"max_login_failures": 3, "login_window": "1h"}})
+    await add_users(config)
+    async with running_console(config) as console:
+        for n in (2, 3, 4):  # one guess each from three addresses at one account
+            assert (await FromAddress(console.base, f"127.0.0.{n}").login("adam", "guess")).status == 401
+        fresh = FromAddress(console.base, "127.0.0.5")
+        assert (await fresh.login("adam")).status == 429  # the account is blocked, from anywhere
+        assert (await fresh.login("rita")).status == 303  # another account from a clean address is not
+
+        # a forged X-Forwarded-For does not give a blocked address a new identity
+        c = FromAddress(console.base, "127.0.0.6")
+        for name in ("x1", "x2", "x3"):
+            assert (await c.login(name, "guess")).status == 401
+        page = await c.get("/login")
+        nonce = re.search(r'name="nonce" value="([^"]+)"', page.body).group(1)  # type: ignore[union-attr]
+        form = urlencode({"nonce": nonce, "name": "rita", "password": "reviewer-pass-1"})
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Forwarded-For": "10.9.8.7",
+            "Cookie": "; ".join(f"{k}={v}" for k, v in c.cookies.items()),
+        }
+        conn = c._conn()
+        conn.request("POST", "/login", body=form, headers=headers)
+        assert conn.getresponse().status == 429
+        conn.close()
