@@ -13,9 +13,11 @@ that must count as nothing.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import re
 import zipfile
 import zlib
 from email.message import EmailMessage
@@ -70,7 +72,7 @@ def attach(data: bytes, filename: str, ctype: str, cte: str | None = None) -> by
     maintype, subtype = ctype.split("/", 1)
     kw: dict[str, Any] = {"cte": cte} if cte else {}
     m.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename, **kw)
-    return m.as_bytes()
+    return m.as_bytes(policy=m.policy.clone(linesep="\r\n"))
 
 
 def csv_text(delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL) -> str:
@@ -139,7 +141,8 @@ def forwarded_with_csv() -> bytes:
     outer["Subject"] = "Fwd: the list"
     outer.set_content("See below.")
     outer.add_attachment(inner, maintype="message", subtype="rfc822")
-    return outer.as_bytes()
+    data = outer.as_bytes(policy=outer.policy.clone(linesep="\r\n"))
+    return re.sub(rb"(?<!\r)\n", b"\r\n", data)  # the stdlib's base64 of a message part ends lines in LF
 
 
 def nested_zip() -> bytes:
@@ -423,3 +426,43 @@ def test_one_instance_however_it_is_written() -> None:
         "4111 1111 1111 1111 or 4111-1111-1111-1111\n"
     )
     assert text_counts(text) == {"email": 2, "phone": 1, "iban": 1, "card": 1}  # a consumer address weighs 2
+
+
+# ------------------------------------------------------------ through a real relay
+
+
+@pytest.mark.parametrize("name", ["csv-utf16-bom", "message-rfc822-with-csv", "xlsx-as-octet-stream"])
+async def test_one_outsider_among_colleagues_holds_the_message_and_nothing_leaks(
+    name: str, start_relay: Any, sink: Any
+) -> None:
+    import structlog
+    from prometheus_client import generate_latest
+
+    from conftest import data_reply
+
+    app = await start_relay(f"smtp://127.0.0.1:{sink.port}", {"dlp": {"enabled": True}})
+    rcpts = ["ann@corp.example", "rep@agency.example", "someone@gmail.com", "bob@corp.example"]
+    data = FORMATS[name]()
+    with structlog.testing.capture_logs() as logs:
+        code, text = await asyncio.to_thread(data_reply, app.port, "sales@corp.example", rcpts, data)
+    assert code == 250 and text.startswith(b"2.6.0 Held for review"), text
+    assert [m for m in sink.messages if m.reply.startswith("2")] == []  # nobody gets it, colleagues neither
+    dumped = text.decode() + json.dumps(logs, default=str) + generate_latest(app.metrics.registry).decode()
+    for value in every_value():
+        assert value not in dumped, value
+    assert "someone@gmail.com" not in dumped
+
+
+async def test_reject_reply_names_counts_never_values(start_relay: Any, sink: Any) -> None:
+    import smtplib
+
+    from conftest import send
+
+    extra = {"dlp": {"enabled": True, "high_action": "reject"}}
+    app = await start_relay(f"smtp://127.0.0.1:{sink.port}", extra)
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        await send(app.port, "sales@corp.example", ["buyer@other.example"], FORMATS["csv-utf16-bom"]())
+    reply = err.value.smtp_error.decode()
+    assert err.value.smtp_code == 550 and f"{N} phone numbers" in reply
+    for value in every_value():
+        assert value not in reply
