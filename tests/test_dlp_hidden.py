@@ -466,3 +466,32 @@ async def test_reject_reply_names_counts_never_values(start_relay: Any, sink: An
     assert err.value.smtp_code == 550 and f"{N} phone numbers" in reply
     for value in every_value():
         assert value not in reply
+
+
+def numeric_phone_xlsx(with_country_code: bool) -> bytes:
+    """Excel keeps a typed 07400 123456 as the number 7400123456 (and 447400123456 without the +)."""
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    wb.active.append(list(fx.HEADER))
+    for r in ROWS:
+        digits = r[3].replace(" ", "")
+        phone = int("44" + digits[1:] if with_country_code else digits)
+        wb.active.append([r[0], r[1], r[2], phone, r[4], r[5]])
+    out = io.BytesIO()
+    wb.save(out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("with_country_code", [False, True])
+def test_phone_numbers_a_spreadsheet_stored_as_numbers_still_count(with_country_code: bool) -> None:
+    data = attach(numeric_phone_xlsx(with_country_code), "list.xlsx", fx.XLSX)
+    assert counts_of(data)["phone"] == N
+    csv_data = "Name;Mobile\n" + "".join(f"{r[1]};{r[3].replace(' ', '')[1:]}\n" for r in ROWS)
+    assert counts_of(attach(csv_data.encode(), "excel.csv", "text/csv"))["phone"] == N
+
+
+def test_bare_numbers_under_a_header_that_is_not_a_phone_do_not_count() -> None:
+    lines = "".join(f"{7400100000 + i * 7};{i}.50;2026-11-02\n" for i in range(40))
+    csv_data = "Order no;Amount;Placed\n" + lines
+    assert "phone" not in counts_of(attach(csv_data.encode(), "orders.csv", "text/csv"))

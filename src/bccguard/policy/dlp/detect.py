@@ -76,6 +76,8 @@ def detect(
                 break
             for d, vals in _detect_text(chunk, enabled, regions, settings).items():
                 found[d] |= vals
+        if "phone" in found and piece.rows:
+            found["phone"] |= numbers.phones(_phone_column(piece.rows), regions)[0]
         counts = tuple((d, _weight(d, vals)) for d, vals in found.items() if vals)
         if counts:
             places.append(Place(where=piece.where, counts=counts))
@@ -116,6 +118,24 @@ def _tables(piece: Piece) -> set[object]:
         # A customer table has numbers (phones, dates, house numbers) or addresses in it.
         return set(tables.text_rows(text))
     return set()
+
+
+def _phone_column(rows: tuple[tuple[str, ...], ...]) -> str:
+    """The cells of a table's phone columns (by their header), written as dialled.
+
+    A spreadsheet keeps 07400 123456 as the number 7400123456, and 44 7400
+    123456 as 447400123456: what said "phone number" (the 0, the +) is gone,
+    and bare digit runs alone never count (they are order numbers). Under a
+    phone header they are phone numbers; the 0 or + goes back on.
+    """
+    cols = [i for i, cell in enumerate(rows[0]) if "phone" in tables.header_kinds([cell])]
+    out: list[str] = []
+    for row in rows[1:] if cols else ():
+        for i in cols:
+            v = row[i].strip() if i < len(row) else ""
+            if v.isdigit() and not v.startswith("0"):
+                out.append(("+" if len(v) > 10 else "0") + v)
+    return "\n".join(out)
 
 
 def _weight(detector: str, values: Iterable[object]) -> int:
