@@ -403,3 +403,33 @@ async def test_login_rate_limit_per_account_across_addresses_and_no_forwarded_fo
         conn.request("POST", "/login", body=form, headers=headers)
         assert conn.getresponse().status == 429
         conn.close()
+
+
+async def test_a_reviewer_posting_admin_actions_by_hand_is_refused_and_audited(
+    start_relay: StartRelay, sink: Sink, tmp_path: Path
+) -> None:
+    app = await start_relay(sink.url, QUARANTINE)
+    await hold_survey(app, CUSTOMERS[:12])
+    (entry_id,) = app.runtime.quarantine.ids()
+    config = console_toml(tmp_path, sink.url)
+    await add_users(config)
+    async with running_console(config) as console:
+        r = Client(console.base)
+        await r.login("rita")
+        token = csrf_of((await r.get("/")).body)
+        for path, form in (
+            ("/confirm", {"action": "delete", "ids": entry_id}),
+            ("/confirm", {"action": "purge", "older_than": "0s"}),
+            ("/act", {"action": "delete", "ids": entry_id}),
+            ("/act", {"action": "purge", "older_than": "0s"}),
+            (f"/message/{entry_id}/raw", {}),
+        ):
+            page = await r.post(path, {**form, "csrf": token})
+            assert page.status == 403, (path, form)
+            assert "customer0" not in page.body
+        assert (tmp_path / "quarantine" / f"{entry_id}.eml").exists()
+        recs = [(x["what"], x["result"], x["who"]) for x in audit(tmp_path)]
+        assert set(recs) == {("delete", "forbidden", "rita"), ("purge", "forbidden", "rita"),
+                             ("view_raw", "forbidden", "rita")}  # fmt: skip
+        # an unknown action is no action, for either role
+        assert (await r.post("/act", {"action": "release_all", "ids": entry_id, "csrf": token})).status == 400
