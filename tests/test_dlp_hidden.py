@@ -495,3 +495,30 @@ def test_bare_numbers_under_a_header_that_is_not_a_phone_do_not_count() -> None:
     lines = "".join(f"{7400100000 + i * 7};{i}.50;2026-11-02\n" for i in range(40))
     csv_data = "Order no;Amount;Placed\n" + lines
     assert "phone" not in counts_of(attach(csv_data.encode(), "orders.csv", "text/csv"))
+
+
+@pytest.mark.parametrize(
+    ("header_action", "dlp", "expect"),
+    [
+        ("rewrite", {}, Action.QUARANTINE),  # DLP high (quarantine) beats a rewrite
+        ("split", {}, Action.QUARANTINE),
+        ("quarantine", {"high_action": "reject"}, Action.REJECT),  # DLP reject beats a header hold
+        ("reject", {"high_action": "audit"}, Action.REJECT),  # the header's reject stands
+        ("rewrite", {"high_action": "pass"}, Action.REWRITE),
+        ("audit", {"high_action": "audit"}, Action.AUDIT),
+    ],
+)
+def test_the_stricter_action_wins_with_a_to_cc_exposure(
+    header_action: str, dlp: dict[str, Any], expect: Action
+) -> None:
+    customers = [f"c{i}@gmail.com" for i in range(12)]
+    data = fx.mail(
+        "Numbers:\n" + "".join(f"Contact {i}: 07400 {400000 + i * 7:06d}\n" for i in range(12)),
+        to=", ".join(customers),
+    )
+    config = cfg(dlp, action=header_action)
+    envelope = Envelope(mail_from="sales@corp.example", rcpt_tos=tuple(customers))
+    v = evaluate(data, envelope, config.policy, scan_now(data, config.policy.defaults)).verdict
+    assert v.action is expect, v.reason
+    if expect is not Action.AUDIT:
+        assert "12 phone numbers" in v.reason and "To/Cc" in v.reason, v.reason
