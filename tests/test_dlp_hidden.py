@@ -522,3 +522,29 @@ def test_the_stricter_action_wins_with_a_to_cc_exposure(
     assert v.action is expect, v.reason
     if expect is not Action.AUDIT:
         assert "12 phone numbers" in v.reason and "To/Cc" in v.reason, v.reason
+
+
+def aes_owner_only_pdf() -> bytes:
+    """AES-256, an owner password only: how bank and CRM exports are 'protected' against editing."""
+    from fpdf import FPDF
+    from fpdf.enums import EncryptionMethod
+
+    pdf = FPDF()
+    pdf.set_font("Helvetica", size=8)
+    pdf.add_page()
+    for r in (fx.HEADER, *ROWS):
+        pdf.cell(0, 4, "    ".join(r), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_encryption(owner_password="owner-only", encryption_method=EncryptionMethod.AES_256)
+    return bytes(pdf.output())
+
+
+def test_an_aes_pdf_locked_only_against_editing_is_read_by_the_relay_as_installed() -> None:
+    from importlib.metadata import requires
+
+    # pypdf opens AES-encrypted PDFs only with `cryptography`; a relay from `pip install .` must have it,
+    # or every such export is merely "unreadable" (audit) instead of counted.
+    assert any(
+        r.replace(" ", "").startswith("cryptography") for r in requires("bccguard") or [] if "extra" not in r
+    )
+    counts = counts_of(attach(aes_owner_only_pdf(), "statement.pdf", "application/pdf"))
+    assert counts.get("phone") == N
