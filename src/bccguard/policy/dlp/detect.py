@@ -128,9 +128,10 @@ def _phone_column(rows: tuple[tuple[str, ...], ...]) -> str:
     and bare digit runs alone never count (they are order numbers). Under a
     phone header they are phone numbers; the 0 or + goes back on.
     """
-    cols = [i for i, cell in enumerate(rows[0]) if "phone" in tables.header_kinds([cell])]
+    h = tables.header_at(rows)
+    cols = [i for i, cell in enumerate(rows[h]) if "phone" in tables.header_kinds([cell])]
     out: list[str] = []
-    for row in rows[1:] if cols else ():
+    for row in rows[h + 1 :] if cols else ():
         for i in cols:
             v = row[i].strip() if i < len(row) else ""
             if v.isdigit() and not v.startswith("0"):
