@@ -551,3 +551,27 @@ def test_an_aes_pdf_locked_only_against_editing_is_read_by_the_relay_as_installe
     )
     counts = counts_of(attach(aes_owner_only_pdf(), "statement.pdf", "application/pdf"))
     assert counts.get("phone") == N
+
+
+def test_per_rule_regions_unreadable_and_over_limit() -> None:
+    rules = [
+        {"name": "de", "senders": ["*@de.corp.example"], "dlp_regions": ["DE"]},
+        {"name": "strict", "senders": ["*@legal.corp.example"], "dlp_unreadable": "quarantine",
+         "dlp_over_limit": "quarantine"},
+    ]  # fmt: skip
+    config = cfg(rules=rules)
+    german = fx.mail("Kunden:\n" + "".join(f"Kunde {i}: 0151 2345{i:04d}\n" for i in range(12)))
+    locked = ENCRYPTED["zip"]()
+    deep = attach(fx.nested_zip(6), "deep.zip", "application/zip")
+
+    def action(sender: str, data: bytes) -> Action:
+        envelope = Envelope(mail_from=sender, rcpt_tos=("buyer@other.example",))
+        _, settings = select_rule(config.policy, envelope)
+        return evaluate(data, envelope, config.policy, scan_now(data, settings)).verdict.action
+
+    assert action("x@corp.example", german) is Action.PASS  # GB numbers only by default
+    assert action("x@de.corp.example", german) is Action.QUARANTINE
+    assert action("x@corp.example", locked) is Action.AUDIT
+    assert action("x@legal.corp.example", locked) is Action.QUARANTINE
+    assert action("x@corp.example", deep) is Action.AUDIT
+    assert action("x@legal.corp.example", deep) is Action.QUARANTINE
