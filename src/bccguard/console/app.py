@@ -328,7 +328,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
     # ------------------------------------------------------------ pages
     async def listing(request: Request) -> Response:
         f = view.Filters.from_query(request.query_params)
-        rows = await asyncio.to_thread(view.rows, console.qs, f)
+        rows = await asyncio.to_thread(view.rows, console.qs, f, cfg)
         size = cfg.console.page_size
         pages = max(1, math.ceil(len(rows) / size))
         try:
@@ -443,6 +443,7 @@ def build_app(cfg: Config, metrics: ConsoleMetrics | None = None) -> ASGIApp:
                 q, e = held
                 r = review.summary(q, e)
                 r["sender_domain"] = view.sender_domain(r.pop("mail_from"))
+                r["subject"] = view.masker(cfg, q, e)(r["subject"])
                 out.append(r)
         return out
 

@@ -88,19 +88,36 @@ def _day(text: str) -> float | None:
         return None
 
 
-def rows(qs: Quarantines, f: Filters) -> list[dict[str, Any]]:
-    """Every entry of every directory that matches, newest first, with counts and domains only."""
+def masker(cfg: Config, q: Quarantine, e: Entry) -> Masker:
+    """A masker under the rule that matches this message's envelope (as the relay judged it)."""
+    _, settings = select_rule(cfg.policy, q.envelope(e.id))
+    return Masker(settings)
+
+
+def rows(qs: Quarantines, f: Filters, cfg: Config) -> list[dict[str, Any]]:
+    """Every entry of every directory that matches, newest first, with counts and domains only.
+
+    The filter sees the subject as written (a reviewer searches for words in
+    it); the page gets it masked, as the header block is: a subject can name a
+    customer by address ("Complaint from jane@...").
+    """
     out = []
     for q, e in qs.entries():
         try:
             r = summary(q, e)
             r["sender_domain"] = sender_domain(r.pop("mail_from"))
+            if not f.match(r):
+                continue
+            r["subject"] = masker(cfg, q, e)(r["subject"])
+        except OSError:  # released or deleted meanwhile
+            continue
         except (AttributeError, KeyError, TypeError, ValueError):  # metadata not as the relay writes it
             r = {"id": e.id, "time": 0.0, "received": "?", "sender_domain": "?", "rcpts": 0,
                  "rule": "", "visible_external": 0, "reason": "unreadable metadata: see "
                  "`bccguard quarantine show`", "size": e.size, "subject": "(unreadable entry)"}  # fmt: skip
-        if f.match(r):
-            out.append(r)
+            if not f.match(r):
+                continue
+        out.append(r)
     out.sort(key=lambda r: (r["time"], r["id"]), reverse=True)
     return out
 
@@ -167,11 +184,11 @@ def detail(cfg: Config, q: Quarantine, e: Entry, *, reveal: bool) -> Detail:
     r["sender_domain"] = sender_domain(r.pop("mail_from"))
     m = e.meta
     rcpts = list(m.get("rcpt_tos", []))
-    _, settings = select_rule(cfg.policy, q.envelope(e.id))
+    mask = masker(cfg, q, e)
     domains = Counter(envelope_domain(x) or "(none)" for x in rcpts)
-    external = sum(1 for x in rcpts if classify_rcpt(x, settings).is_external)
-    mask = Masker(settings)
+    external = sum(1 for x in rcpts if classify_rcpt(x, mask.settings).is_external)
     show: Callable[[str], str] = (lambda t: t) if reveal else mask
+    r["subject"] = show(r["subject"])
     block = parse_header(data)
     head = data[: block.body_offset].decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")
     d = Detail(
@@ -183,7 +200,7 @@ def detail(cfg: Config, q: Quarantine, e: Entry, *, reveal: bool) -> Detail:
     )
     parts, attachments = _walk(data)
     d.parts = [Part(p.kind, show(p.text), p.truncated) for p in parts]
-    d.attachments = attachments
+    d.attachments = [Attachment(show(a.name), a.content_type, a.size) for a in attachments]
     d.masked = mask.count
     return d
 

@@ -15,6 +15,7 @@ Each raises `Unreadable` for an encrypted or broken document and lets
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
 import io
@@ -31,7 +32,24 @@ _W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
 DOCX_XML_CAP = 32 * 1024 * 1024
 
 
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)  # fmt: skip
+
+
 def decode_text(data: bytes, charset: str | None = None) -> str:
+    """Text by its byte-order mark first (Excel saves "Unicode text" as UTF-16 with one, whatever
+    the part's charset says), then the declared charset, UTF-8, and Latin-1 as the last word.
+    UTF-16 without a mark shows itself by a NUL in every other byte of ASCII text."""
+    for bom, marked in _BOMS:
+        if data.startswith(bom):
+            return data.decode(marked, "replace")
+    head = data[:4096]
+    if len(head) >= 4 and head.count(0) * 3 >= len(head):
+        zeros_odd = head[1::2].count(0)
+        zeros_even = head[0::2].count(0)
+        return data.decode("utf-16-le" if zeros_odd > zeros_even else "utf-16-be", "replace")
     for enc in (charset, "utf-8"):
         if not enc:
             continue

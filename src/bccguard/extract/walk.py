@@ -9,9 +9,11 @@ itself: a file name can be a customer's.
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import hashlib
+import quopri
 from email.message import Message
 from typing import Any
 
@@ -112,6 +114,7 @@ def _part(part: Message, parent: str, budget: Budget, acc: _Acc, depth: int) -> 
     if ctype == "message/rfc822":
         inner: Any = part.get_payload()
         data = inner[0].as_bytes() if isinstance(inner, list) and inner else b""
+        data = _undo_transfer_encoding(data, part)
     else:
         try:
             raw = part.get_payload(decode=True)
@@ -123,6 +126,20 @@ def _part(part: Message, parent: str, budget: Budget, acc: _Acc, depth: int) -> 
     where = (parent or "body") if is_body else place(kind, filename, parent)
     charset = part.get_content_charset()
     _route(kind, data, where, charset, budget, acc, depth)
+
+
+def _undo_transfer_encoding(data: bytes, part: Message) -> bytes:
+    """An attached message sent base64- or QP-encoded (RFC 2046 forbids it; Python's own
+    EmailMessage and some clients do it) was parsed as if plain: decode what the parser kept."""
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    if cte == "base64":
+        try:  # the base64 alphabet has no ':', so the parser kept it all as body: line breaks are skipped
+            return base64.b64decode(data, validate=False)
+        except ValueError:
+            return data
+    if cte == "quoted-printable":
+        return quopri.decodestring(data)
+    return data
 
 
 def _kind(ctype: str, filename: str | None, data: bytes) -> str:

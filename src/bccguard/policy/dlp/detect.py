@@ -76,6 +76,8 @@ def detect(
                 break
             for d, vals in _detect_text(chunk, enabled, regions, settings).items():
                 found[d] |= vals
+        if "phone" in found and piece.rows:
+            found["phone"] |= numbers.phones(_phone_column(piece.rows), regions)[0]
         counts = tuple((d, _weight(d, vals)) for d, vals in found.items() if vals)
         if counts:
             places.append(Place(where=piece.where, counts=counts))
@@ -118,6 +120,25 @@ def _tables(piece: Piece) -> set[object]:
     return set()
 
 
+def _phone_column(rows: tuple[tuple[str, ...], ...]) -> str:
+    """The cells of a table's phone columns (by their header), written as dialled.
+
+    A spreadsheet keeps 07400 123456 as the number 7400123456, and 44 7400
+    123456 as 447400123456: what said "phone number" (the 0, the +) is gone,
+    and bare digit runs alone never count (they are order numbers). Under a
+    phone header they are phone numbers; the 0 or + goes back on.
+    """
+    h = tables.header_at(rows)
+    cols = [i for i, cell in enumerate(rows[h]) if "phone" in tables.header_kinds([cell])]
+    out: list[str] = []
+    for row in rows[h + 1 :] if cols else ():
+        for i in cols:
+            v = row[i].strip() if i < len(row) else ""
+            if v.isdigit() and not v.startswith("0"):
+                out.append(("+" if len(v) > 10 else "0") + v)
+    return "\n".join(out)
+
+
 def _weight(detector: str, values: Iterable[object]) -> int:
     if detector != "email":
         return len(set(values))
@@ -133,13 +154,16 @@ def _detect_text(
         for m in _EMAIL.finditer(text):
             spans.append(m.span())
             if "email" in out:
-                local, _, domain = m.group().rpartition("@")
+                # One customer written Alice@Gmail.com and alice@gmail.com is one instance: every
+                # mailbox provider treats the local part without case, so the count does too.
+                local, _, domain = m.group().lower().rpartition("@")
                 cls = classify_domain(normalize_domain(domain), settings)
                 if cls is AddressClass.CONSUMER:
-                    out["email"].add(f"c:{local}@{domain.lower()}")
+                    out["email"].add(f"c:{local}@{domain}")
                 elif cls is AddressClass.EXTERNAL:
-                    out["email"].add(f"e:{local}@{domain.lower()}")
+                    out["email"].add(f"e:{local}@{domain}")
     if _digits(text) >= MIN_DIGITS:
+        text = numbers.mask(text, numbers.dates(text))
         found, used = numbers.ibans(text)
         spans += used
         if "iban" in out:

@@ -19,6 +19,7 @@ from functools import lru_cache
 import phonenumbers
 from stdnum import iban as _iban
 from stdnum import luhn
+from stdnum.gb import nhs as _nhs_number
 from stdnum.util import get_cc_module
 
 Span = tuple[int, int]
@@ -73,12 +74,51 @@ def ibans(text: str) -> tuple[set[str], list[Span]]:
     return found, spans
 
 
+# Issuer ranges (IIN prefixes) and the lengths their cards have: Luhn alone passes one random
+# number in ten, so a 14-digit timestamp or a 16-digit order number must also look issued.
+_ISSUERS: tuple[tuple[int, int, frozenset[int]], ...] = (
+    (4, 4, frozenset({13, 16, 19})),  # Visa
+    (51, 55, frozenset({16})), (2221, 2720, frozenset({16})),  # Mastercard
+    (34, 34, frozenset({15})), (37, 37, frozenset({15})),  # American Express
+    (6011, 6011, frozenset(range(16, 20))), (644, 649, frozenset(range(16, 20))),  # Discover
+    (65, 65, frozenset(range(16, 20))), (62, 62, frozenset(range(16, 20))),  # Discover, UnionPay
+    (3528, 3589, frozenset(range(16, 20))),  # JCB
+    (300, 305, frozenset(range(14, 20))), (36, 36, frozenset(range(14, 20))),  # Diners Club
+    (38, 39, frozenset(range(16, 20))),  # Diners Club
+    (50, 50, frozenset(range(13, 20))), (56, 69, frozenset(range(13, 20))),  # Maestro
+    (2200, 2204, frozenset(range(16, 20))),  # Mir
+)  # fmt: skip
+
+
+def _issued(digits: str) -> bool:
+    for lo, hi, lengths in _ISSUERS:
+        width = len(str(lo))
+        if lo <= int(digits[:width]) <= hi and len(digits) in lengths:
+            return True
+    return False
+
+
+# Dates and times: masked before any number detector, so that "02/12/2026 18:30" is never an
+# NHS number and "2026-12-02 18:30:12" never a phone number.
+_DATES = re.compile(
+    r"(?<![\w.:/-])(?:"
+    r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d(?:[.,]\d+)?)?(?:Z|[+-]\d\d:?\d\d)?)?"
+    r"|\d{1,2}[./-]\d{1,2}[./-]\d{4}(?:,? \d{1,2}:\d\d(?::\d\d)?)?"
+    r"|\d{1,2}:\d\d(?::\d\d(?:[.,]\d+)?)?"
+    r")(?![\w/-])"
+)
+
+
+def dates(text: str) -> list[Span]:
+    return [m.span() for m in _DATES.finditer(text)]
+
+
 def cards(text: str) -> tuple[set[str], list[Span]]:
     found: set[str] = set()
     spans: list[Span] = []
     for m in _CARD.finditer(text):
         digits = re.sub(r"\D", "", m.group())
-        if 13 <= len(digits) <= 19 and luhn.is_valid(digits):
+        if 13 <= len(digits) <= 19 and _issued(digits) and luhn.is_valid(digits):
             found.add(digits)
             spans.append(m.span())
     return found, spans
@@ -136,6 +176,18 @@ def _split(groups: list[str], check: Callable[[str], str | None], min_digits: in
 _DATE = re.compile(r"\d{4}-\d\d-\d\d|\d\d?[./-]\d\d?[./-]\d{2,4}|\d\d?[:.]\d\d(?:[:.]\d\d)?")
 
 
+class _TrunkZero(dict[str, bool]):
+    """Region -> whether its national numbers start with the trunk prefix 0 (from phonenumbers)."""
+
+    def __missing__(self, region: str) -> bool:
+        meta = phonenumbers.PhoneMetadata.metadata_for_region(region)
+        self[region] = bool(meta is not None and meta.national_prefix == "0")
+        return self[region]
+
+
+_TRUNK_ZERO = _TrunkZero()
+
+
 @lru_cache(maxsize=8192)
 def _phone(candidate: str, regions: tuple[str, ...]) -> str | None:
     """E.164 form of a valid number, or None. Cached: lists repeat numbers, and parsing costs ~50 µs."""
@@ -144,7 +196,12 @@ def _phone(candidate: str, regions: tuple[str, ...]) -> str | None:
     if candidate.startswith("00"):
         candidate = "+" + candidate[2:]
     international = candidate.startswith("+")
+    national_first = candidate.lstrip("(")[:1]
     for region in (None,) if international else regions:
+        if region is not None and _TRUNK_ZERO[region] and national_first != "0":
+            # Where numbers are dialled nationally with a leading 0 (GB, DE, FR ...), people write
+            # that 0: "2079460018" is an order number, "020 7946 0018" a London phone number.
+            continue
         try:
             num = phonenumbers.parse(candidate, region)
         except phonenumbers.NumberParseException:
@@ -164,9 +221,22 @@ def _id_validators(regions: tuple[str, ...]) -> tuple[Callable[[str], bool], ...
         names = _ID_MODULES.get(region, ("vat", "personalid"))
         for name in names:
             mod = get_cc_module(region.lower(), name)
-            if mod is not None:
+            if mod is not None and (region, name) != ("GB", "nhs"):  # see _nhs: how it is written counts
                 out.append(mod.is_valid)
     return tuple(out)
+
+
+_NHS_WRITTEN = re.compile(r"\d{3} \d{3} \d{4}")
+
+
+def _nhs(token: str, nhs_context: bool) -> bool:
+    """An NHS number: its mod-11 check passes one random 10-digit number in eleven, so a bare run
+    of 10 digits (an order or a tracking number) counts only where the text speaks of the NHS;
+    written the NHS way, 3-3-4 ("943 476 5919"), it counts by its check alone."""
+    compact = re.sub(r"[ ./-]", "", token)
+    if len(compact) != 10 or not _nhs_number.is_valid(compact):
+        return False
+    return nhs_context or bool(_NHS_WRITTEN.fullmatch(token.strip()))
 
 
 def national_ids(text: str, regions: tuple[str, ...]) -> tuple[set[str], list[Span]]:
@@ -178,11 +248,16 @@ def national_ids(text: str, regions: tuple[str, ...]) -> tuple[set[str], list[Sp
             spans.append(m.span())
         text = mask(text, spans)
     validators = _id_validators(regions)
-    if not validators:
+    if not validators and "GB" not in regions:
         return found, spans
+    nhs = "GB" in regions
+    nhs_context = nhs and "nhs" in text.lower()
+
     def check(token: str) -> str | None:
         compact = re.sub(r"[ ./-]", "", token)
-        return compact if any(_valid(v, compact) for v in validators) else None
+        if any(_valid(v, compact) for v in validators) or (nhs and _nhs(token, nhs_context)):
+            return compact
+        return None
 
     for m in _ID.finditer(text):
         token = m.group()

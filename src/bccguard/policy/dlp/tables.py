@@ -67,9 +67,23 @@ def _shaped_columns(rows: Sequence[Sequence[str]]) -> int:
     return shaped
 
 
+HEADER_SEARCH = 10
+
+
+def header_at(rows: Sequence[Sequence[str]]) -> int:
+    """Where the header row is: exports often start with a title line and a blank row
+    ("Customer export 2 Dec" above "Name, Email, Mobile"). The first of the first rows
+    that names two kinds of personal data; else the first row."""
+    for i, row in enumerate(rows[:HEADER_SEARCH]):
+        if len(header_kinds(row)) >= 2:
+            return i
+    return 0
+
+
 def customer_rows(rows: Sequence[Sequence[str]]) -> set[int]:
     """Hashes of the data rows of a customer table, or nothing when `rows` is not one."""
     rows = [r for r in rows if any(c.strip() for c in r)]
+    rows = rows[header_at(rows) :]
     if len(rows) < MIN_ROWS + 1:
         return set()
     kinds = header_kinds(rows[0])
