@@ -163,6 +163,16 @@ def test_a_kept_element_keeps_its_address_and_loses_only_the_text() -> None:
     assert b"To: <news@corp.example>, Sales <s@corp.example>\r\n" in o.message
 
 
+def test_a_kept_address_whose_own_local_part_shows_a_customer_is_dropped_from_the_header() -> None:
+    """`"alice@gmail.com"@corp.example` (an MTA qualifying a quoted address with its own domain):
+    the reader sees alice@gmail.com in the colleague's address itself, so no text of it can stay.
+    Found by the fuzz property (hidden addresses never remain visible); the envelope is untouched."""
+    o = run('From: a@corp.example\nTo: "alice@gmail.com"@corp.example, b@gmail.com, s@corp.example')
+    assert o.verdict.action is Action.REWRITE
+    head = head_of(o)
+    assert b"alice" not in head.lower() and b"To: s@corp.example\r\n" in head
+
+
 def test_encoded_words_never_become_a_routing_address() -> None:
     items = parse_address_list("=?utf-8?q?alice=40gmail.com?= <x@corp.example>, =?utf-8?q?bob=40gmail.com?=")
     routing = [i.address for i in items if i.address.valid]  # type: ignore[union-attr]

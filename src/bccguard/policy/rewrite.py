@@ -30,6 +30,7 @@ from bccguard.policy.addresses import (
 )
 from bccguard.policy.headers import Field, HeaderBlock
 from bccguard.policy.model import Address
+from bccguard.policy.reader import address_like
 
 _BCC_FIELDS = ("bcc", "resent-bcc")
 _SOFT = 78
@@ -127,6 +128,11 @@ def _element(
             removed.add(a.key)
             return None, True
         if shown:
+            if any(hide(s) for s in address_like(a.local)):
+                # Its own (quoted) local part shows the hidden address, as
+                # `"alice@gmail.com"@corp.example` does: no text of it can stay.
+                # The envelope still delivers to it.
+                return None, True
             return f"<{a.local}@{a.domain}>", True
         return _flat(value[mb.start : mb.end]), False
     return (None, True) if shown else (_flat(value[mb.start : mb.end]), False)
