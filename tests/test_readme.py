@@ -88,11 +88,13 @@ def test_the_postfix_guide_installs_bccguard_and_its_config_as_the_systemd_guide
     postfix = (ROOT / "deploy" / "postfix" / "README.md").read_text()
     systemd = (ROOT / "deploy" / "systemd" / "README.md").read_text()
 
-    def config_install(text: str) -> str:
-        (line,) = [x for x in text.splitlines() if "install -m" in x and "/etc/bccguard/bccguard.toml" in x]
-        return line.split("install", 1)[1].split("deploy/", 1)[0].strip()
+    def config_installs(text: str) -> set[str]:
+        lines = [x for x in text.splitlines() if "install -m" in x and "/etc/bccguard/bccguard.toml" in x]
+        assert lines
+        return {line.split("install", 1)[1].split("deploy/", 1)[0].strip() for line in lines}
 
-    assert config_install(postfix) == config_install(systemd) == "-m 0640 -o root -g bccguard"
+    # every placement's guide (milter, after-queue, before-queue) installs it the same way
+    assert config_installs(postfix) == config_installs(systemd) == {"-m 0640 -o root -g bccguard"}
     assert "/opt/bccguard/bin/pip install" in postfix and "/opt/bccguard/bin/pip install" in systemd
 
 
