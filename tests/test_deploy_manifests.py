@@ -6,8 +6,9 @@ periods against the config's drain bound, label/selector agreement, that
 every file a manifest mounts exists, that each embedded bccguard.toml is
 accepted by the real config loader). Where a real tool can run offline it
 does: `promtool check config` on the compose Prometheus config, `postconf`
-on the Postfix image's build-time configuration, and the image's HEALTHCHECK
-command against a running relay. They cannot prove a cluster accepts the
+on the Postfix image's build-time configuration, the image's HEALTHCHECK
+command against a running relay, and the Kubernetes objects against the API's
+own OpenAPI schemas (kubernetes-validate, bundled, offline). They cannot prove a cluster accepts the
 objects: `kubectl apply --dry-run=server` was not available on the machine these
 tests were written on. The images are built and run for real (podman) in
 tests/test_containers.py.
@@ -477,6 +478,30 @@ def test_spool_drain_pod_delivers_a_left_behind_spool_without_taking_clients() -
         sel = obj["spec"]["selector"]
         sel = sel.get("matchLabels", sel)
         assert not sel.items() <= labels.items(), f"the drain pod must not be picked by the {kind}"
+
+
+@pytest.mark.parametrize("version", ["1.27.0", "1.33.0"])
+def test_manifests_match_the_kubernetes_api_schema(version: str) -> None:
+    """Every object, against the API's own OpenAPI schema, offline (no cluster here).
+
+    kubernetes-validate (Apache-2.0) bundles the schemas kubectl would fetch from a
+    server; strict mode refuses unknown fields, the typo a YAML parse lets through
+    and an API server would reject or silently drop. 1.27: the oldest release where
+    a StatefulSet's PVC retention policy is on by default; 1.33: a current one.
+    PodMonitor is a CRD (Prometheus Operator) with no bundled schema.
+    """
+    kv = pytest.importorskip("kubernetes_validate")
+    checked = set()
+    for d in k8s_docs():
+        if d["kind"] in ("Kustomization", "PodMonitor"):
+            continue
+        obj = {k: v for k, v in d.items() if k != "__file__"}
+        try:
+            kv.validate(obj, version, strict=True)
+        except kv.ValidationError as exc:
+            pytest.fail(f"{d['__file__']}: {d['kind']} {version}: {exc}")
+        checked.add(d["kind"])
+    assert {"StatefulSet", "HorizontalPodAutoscaler", "Pod", "PersistentVolumeClaim"} <= checked
 
 
 def test_service_pdb_hpa_podmonitor_select_the_pods() -> None:
