@@ -6,8 +6,9 @@ periods against the config's drain bound, label/selector agreement, that
 every file a manifest mounts exists, that each embedded bccguard.toml is
 accepted by the real config loader). Where a real tool can run offline it
 does: `promtool check config` on the compose Prometheus config, `postconf`
-on the Postfix image's build-time configuration, and the image's HEALTHCHECK
-command against a running relay. They cannot prove a cluster accepts the
+on the Postfix image's build-time configuration, the image's HEALTHCHECK
+command against a running relay, and the Kubernetes objects against the API's
+own OpenAPI schemas (kubernetes-validate, bundled, offline). They cannot prove a cluster accepts the
 objects: `kubectl apply --dry-run=server` was not available on the machine these
 tests were written on. The images are built and run for real (podman) in
 tests/test_containers.py.
@@ -288,7 +289,6 @@ def test_every_manifest_has_the_basics() -> None:
     docs = k8s_docs()
     kinds = {d["kind"] for d in docs}
     assert {
-        "Deployment",
         "StatefulSet",
         "Service",
         "ConfigMap",
@@ -313,9 +313,8 @@ def test_configmap_holds_a_config_bccguard_accepts() -> None:
     assert parse_hostport(cfg.metrics.listen)[0] == "0.0.0.0", "the kubelet probes from outside the pod"
 
 
-@pytest.mark.parametrize("kind", ["Deployment", "StatefulSet"])
-def test_workload_pod_spec(kind: str) -> None:
-    (w,) = by_kind(kind)
+def test_workload_pod_spec() -> None:
+    (w,) = by_kind("StatefulSet")
     spec = w["spec"]
     selector = spec["selector"]["matchLabels"]
     labels = spec["template"]["metadata"]["labels"]
@@ -365,29 +364,159 @@ def test_workload_pod_spec(kind: str) -> None:
     assert qmount["subPathExpr"] == "$(POD_NAME)" and "subPath" not in qmount
     env = {e["name"]: e for e in c.get("env", [])}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    if kind == "StatefulSet":
-        (tmpl,) = spec["volumeClaimTemplates"]
-        assert tmpl["metadata"]["name"] == "spool" and tmpl["spec"]["accessModes"] == ["ReadWriteOnce"]
-    else:
-        # Never an emptyDir: copies answered 250 must outlive the pod. Shared RWX is safe
-        # because one process at a time delivers a spool (store/spool.py runner_lock).
-        spool_pvc = pvcs[volumes["spool"]["persistentVolumeClaim"]["claimName"]]
-        assert "ReadWriteMany" in spool_pvc["spec"]["accessModes"]
+    # The spool: one per replica, never shared (see test_no_two_relays_share_a_spool).
+    assert "spool" not in volumes, "the spool comes from volumeClaimTemplates, one PVC per replica"
+    (tmpl,) = spec["volumeClaimTemplates"]
+    assert tmpl["metadata"]["name"] == "spool" and tmpl["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def kustomized() -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k deploy/kubernetes` creates (not the one-off files beside them)."""
+    (kust,) = by_kind("Kustomization")
+    files = {res.split("#")[0].strip() for res in kust["resources"]}
+    return [d for d in k8s_docs() if d["__file__"] in files]
+
+
+def test_no_two_relays_share_a_spool() -> None:
+    """A spool directory belongs to one relay: a second is refused at start (ops/instance.py).
+
+    Two replicas of a Deployment sharing one ReadWriteMany spool PVC crash-looped
+    every replica after the first; per-pod sub-directories under a Deployment
+    would strand a removed pod's spooled mail under a random name that never
+    comes back. So the relay is a StatefulSet: stable names, one spool PVC each.
+    """
+    objs = kustomized()
+    workloads = [
+        d for d in objs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Pod")
+    ]
+    assert [(d["kind"], d["__file__"]) for d in workloads] == [("StatefulSet", "statefulset.yaml")]
+    cfg = k8s_config()
+    # Nothing in the directory, applied by -k or not, may put the relay in a replicated
+    # workload whose pods have no stable name to find their spool again.
+    for d in k8s_docs():
+        if d["kind"] in ("Deployment", "DaemonSet", "ReplicaSet"):
+            pytest.fail(f"{d['__file__']}: a {d['kind']} would share or strand a spool")
+    (sts,) = [d for d in objs if d["kind"] == "StatefulSet"]
+    spec = sts["spec"]
+    # A scale-down or a deletion must never take a spool PVC with it: mail answered 250 may sit there.
+    retention = spec.get("persistentVolumeClaimRetentionPolicy", {})
+    assert (
+        retention.get("whenScaled", "Retain") == "Retain"
+        and retention.get("whenDeleted", "Retain") == "Retain"
+    )
+    # Rolling update replaces one pod at a time, the old one gone (its flocks released)
+    # before its namesake starts on the same PVC: the StatefulSet default, spelled out.
+    strategy = spec.get("updateStrategy", {"type": "RollingUpdate"})
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy.get("rollingUpdate", {}).get("maxUnavailable", 1) == 1
+    # No PVC in the kustomization for a spool: the only spool claims are the per-replica ones.
+    (c,) = spec["template"]["spec"]["containers"]
+    spool_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == cfg["spool"]["path"])
+    assert "subPath" not in spool_mount and "subPathExpr" not in spool_mount
+    claimed = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in spec["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claimed == {"bccguard-quarantine"}
+    assert {d["metadata"]["name"] for d in objs if d["kind"] == "PersistentVolumeClaim"} == {
+        "bccguard-quarantine"
+    }
+
+
+def test_hpa_never_scales_down_on_its_own() -> None:
+    """A removed ordinal's spool PVC stays behind with whatever it held: only an admin
+    following the README's drain steps should remove a replica, not the HPA at 3 a.m."""
+    (sts,) = by_kind("StatefulSet")
+    (hpa,) = by_kind("HorizontalPodAutoscaler")
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (
+        "apps/v1",
+        "StatefulSet",
+        sts["metadata"]["name"],
+    )
+    assert hpa["spec"]["behavior"]["scaleDown"]["selectPolicy"] == "Disabled"
+    assert hpa["spec"]["minReplicas"] == sts["spec"]["replicas"], (
+        "the StatefulSet starts where the HPA starts"
+    )
+
+
+def test_spool_drain_pod_delivers_a_left_behind_spool_without_taking_clients() -> None:
+    """spool-drain.yaml: the one-off pod the README gives for a removed ordinal's spool PVC.
+
+    It must run the relay's own `serve` (its retrier delivers a spool it starts
+    on at once, store/spool.py + retry.py), on the same config and spool path, on
+    an existing spool claim, and must not be selected by the Service (no clients),
+    the PDB or the PodMonitor; and it is not part of `kubectl apply -k`.
+    """
+    (pod,) = [d for d in by_kind("Pod") if d["__file__"] == "spool-drain.yaml"]
+    assert "spool-drain.yaml" not in {d["__file__"] for d in kustomized()}
+    (sts,) = by_kind("StatefulSet")
+    relay = sts["spec"]["template"]["spec"]
+    spec = pod["spec"]
+    (c,) = spec["containers"]
+    (rc,) = relay["containers"]
+    assert c["args"] == rc["args"] and c["image"] == rc["image"]
+    assert (
+        spec["securityContext"] == relay["securityContext"] and c["securityContext"] == rc["securityContext"]
+    )
+    cfg = k8s_config()
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts["/etc/bccguard"]["name"]]["configMap"]["name"] == "bccguard-config"
+    claim = volumes[mounts[cfg["spool"]["path"]]["name"]]["persistentVolumeClaim"]["claimName"]
+    tmpl = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    assert re.fullmatch(rf"{tmpl}-{sts['metadata']['name']}-\d+", claim), claim
+    # Its own quarantine directory on the shared volume (a relay needs one; the console sees it).
+    q = mounts[cfg["quarantine"]["path"]]
+    assert volumes[q["name"]]["persistentVolumeClaim"]["claimName"] == "bccguard-quarantine"
+    assert q.get("subPathExpr") == "$(POD_NAME)" or q.get("subPath")
+    assert "/tmp" in mounts
+    labels = pod["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget", "PodMonitor"):
+        (obj,) = by_kind(kind)
+        sel = obj["spec"]["selector"]
+        sel = sel.get("matchLabels", sel)
+        assert not sel.items() <= labels.items(), f"the drain pod must not be picked by the {kind}"
+
+
+@pytest.mark.parametrize("version", ["1.27.0", "1.33.0"])
+def test_manifests_match_the_kubernetes_api_schema(version: str) -> None:
+    """Every object, against the API's own OpenAPI schema, offline (no cluster here).
+
+    kubernetes-validate (Apache-2.0) bundles the schemas kubectl would fetch from a
+    server; strict mode refuses unknown fields, the typo a YAML parse lets through
+    and an API server would reject or silently drop. 1.27: the oldest release where
+    a StatefulSet's PVC retention policy is on by default; 1.33: a current one.
+    PodMonitor is a CRD (Prometheus Operator) with no bundled schema.
+    """
+    kv = pytest.importorskip("kubernetes_validate")
+    checked = set()
+    for d in k8s_docs():
+        if d["kind"] in ("Kustomization", "PodMonitor"):
+            continue
+        obj = {k: v for k, v in d.items() if k != "__file__"}
+        try:
+            kv.validate(obj, version, strict=True)
+        except kv.ValidationError as exc:
+            pytest.fail(f"{d['__file__']}: {d['kind']} {version}: {exc}")
+        checked.add(d["kind"])
+    assert {"StatefulSet", "HorizontalPodAutoscaler", "Pod", "PersistentVolumeClaim"} <= checked
 
 
 def test_service_pdb_hpa_podmonitor_select_the_pods() -> None:
-    (deploy,) = by_kind("Deployment")
-    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    (sts,) = by_kind("StatefulSet")
+    labels = sts["spec"]["template"]["metadata"]["labels"]
     (svc,) = by_kind("Service")
     assert svc["spec"]["selector"].items() <= labels.items()
-    pod_ports = {p["name"] for p in deploy["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    pod_ports = {p["name"] for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= pod_ports
     (pdb,) = by_kind("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"]["minAvailable"] >= 1
     (hpa,) = by_kind("HorizontalPodAutoscaler")
     ref = hpa["spec"]["scaleTargetRef"]
-    assert (ref["kind"], ref["name"]) == ("Deployment", deploy["metadata"]["name"])
+    assert (ref["kind"], ref["name"]) == ("StatefulSet", sts["metadata"]["name"])
     assert hpa["spec"]["minReplicas"] >= 2, "with one replica the PDB would block every drain"
     assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     (pm,) = by_kind("PodMonitor")
