@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib.util
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -193,17 +194,25 @@ def _consumer(value: str | list[str]) -> frozenset[str]:
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-DURATION_FORMS = '"45s", "90m", "12h", "30d" or "2w"'
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+DURATION_FORMS = '"45s", "90m", "12h", "1h30m", "30d" or "2w"'
+# One or more number+unit parts, largest unit first, each unit at most once:
+# "1h30m" as Go, Prometheus and systemd write it; "30m1h" or "5m5m" is a typo.
+_DURATION_RE = re.compile(
+    r"(?:(\d+(?:\.\d+)?)\s*w\s*)?(?:(\d+(?:\.\d+)?)\s*d\s*)?(?:(\d+(?:\.\d+)?)\s*h\s*)?"
+    r"(?:(\d+(?:\.\d+)?)\s*m\s*)?(?:(\d+(?:\.\d+)?)\s*s)?"
+)
+_DURATION_STEPS = (604800, 86400, 3600, 60, 1)
 
 
 def parse_duration(value: str | int | float) -> float:
-    """The one duration syntax of bccguard: '45s', '90m', '12h', '30d', '2w' -> seconds.
+    """The one duration syntax of bccguard: '45s', '90m', '1h30m', '30d', '2w' -> seconds.
 
     Text needs a unit. Why: `purge --older-than 30` once meant 30 seconds and
     emptied a quarantine; an admin who writes "30" means days as often as
     seconds, so a bare number is refused with the forms that work. A TOML
     number (`timeout = 60.0`) is seconds, as the config always read it.
+    Zero, negative and non-finite values (TOML has `nan` and `inf`) are
+    refused: a timer of nan or inf seconds never fires, or fires at once.
     """
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like {DURATION_FORMS}")
@@ -212,15 +221,21 @@ def parse_duration(value: str | int | float) -> float:
     else:
         v = value.strip().lower()
         m = _DURATION_RE.fullmatch(v)
-        if m is None:
+        if not v or m is None:
+            rest = v[1:].lstrip()
+            if v.startswith("-") and rest and _DURATION_RE.fullmatch(rest):
+                raise ValueError(f"{value!r} is not a positive duration")
             try:
-                float(v)
+                if not math.isfinite(float(v)):
+                    raise ValueError(v)
             except ValueError:
                 raise ValueError(f"{value!r} is not a duration (use {DURATION_FORMS})") from None
             raise ValueError(f"{value!r} has no unit (use {DURATION_FORMS})")
-        seconds = float(m.group(1)) * DURATION_UNITS[m.group(2)]
-    if seconds <= 0:
+        seconds = sum(float(n) * step for n, step in zip(m.groups(), _DURATION_STEPS, strict=True) if n)
+    if not seconds > 0:  # also nan
         raise ValueError(f"{value!r} is not a positive duration")
+    if math.isinf(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     return seconds
 
 
