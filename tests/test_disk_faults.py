@@ -24,7 +24,7 @@ import structlog
 
 from bccguard.app import App
 from conftest import StartRelay, data_reply, message
-from disk_helpers import SmallDisk, assert_no_address, mounted_small_disk
+from disk_helpers import SmallDisk, assert_no_address, mounted_small_disk, read_only_bind
 from sink import Sink
 
 SENDER = "news@corp.example"
@@ -170,3 +170,117 @@ async def test_quarantine_on_a_read_only_disk_logs_path_and_errno(
     assert failed["errno"] == "EROFS"
     assert _sample(app, "bccguard_store_write_failures_total", store="quarantine") == 1
     assert_no_address(logs)
+
+
+# ---------------------------------------------------------------- cases next to the issue's examples
+
+PAGE = 4096
+
+
+def _free_pages(disk: SmallDisk, pages: int) -> None:
+    """After fill(): give back exactly `pages` pages (tmpfs counts whole pages)."""
+    filler = disk.path / "filler"
+    size = filler.stat().st_size
+    with open(filler, "r+b") as f:
+        f.truncate(size - pages * PAGE)
+
+
+def _leftovers(spool: Path) -> list[str]:
+    """Entries or half-written files a failed write left in the spool."""
+    return sorted(p.name for p in spool.iterdir() if p.suffix in (".json", ".tmp") or ".tmp" in p.name)
+
+
+async def test_room_for_the_retry_copy_but_not_the_dsn_is_451_and_leaves_nothing(
+    start_relay: StartRelay, sink: Sink, small_disk: SmallDisk
+) -> None:
+    """One recipient taken, one deferred (4xx), three refused (5xx). The disk has room for
+    the retry copy and not for the DSN written after it: 451 for the whole message, and the
+    retry copy already written goes too (the client's resend is the only copy)."""
+    spool = small_disk.path / "spool"
+    app = await start_relay(sink.url, {"spool": {"path": str(spool)}})
+    later, bad = "later@clients.example", [f"bad{i}@clients.example" for i in range(3)]
+    rcpts = [OK, later, *bad]
+    sink.rcpt_replies = {later: "451 4.2.1 Mailbox busy", **{b: "550 5.1.1 User unknown" for b in bad}}
+    data = message(rcpts, body="x" * 70 + "\r\n" + ("y" * 70 + "\r\n") * 500)  # ~36 KB: 9 pages
+    small_disk.fill()
+    _free_pages(small_disk, -(-len(data) // PAGE) + 1)  # the retry's .eml and .json, nothing more
+
+    with structlog.testing.capture_logs() as logs:
+        code, text = await asyncio.to_thread(_reply, app.port, rcpts, data)
+    assert (code, text[:6]) == (451, b"4.3.0 ")
+    assert app.runtime.spool.entries() == []
+    assert _leftovers(spool) == []
+    assert [e["errno"] for e in logs if e["event"] == "spool_write_failed"] == ["ENOSPC"]
+    assert _sample(app, "bccguard_store_write_failures_total", store="spool") == 1
+    assert_no_address(logs)
+
+    small_disk.heal()
+    code, text = await asyncio.to_thread(_reply, app.port, rcpts, data)
+    assert code == 250 and b"1 of 5" in text and b"1 deferred" in text and b"3 refused" in text
+    kinds = sorted(e.kind for e in app.runtime.spool.entries())
+    assert kinds in (["dsn", "retry"], ["retry"])  # a due DSN may already be on its way out
+
+
+async def test_split_on_a_read_only_spool_is_451(
+    start_relay: StartRelay, sink: Sink, small_disk: SmallDisk
+) -> None:
+    spool = small_disk.path / "spool"
+    app = await start_relay(sink.url, {"spool": {"path": str(spool)}, "policy": {"action": "split"}})
+    rcpts = [f"c{i}@clients.example" for i in range(30)]  # enough to hide
+    small_disk.read_only()
+    with structlog.testing.capture_logs() as logs:
+        code, text = await asyncio.to_thread(_reply, app.port, rcpts, message(rcpts))
+    assert (code, text[:6]) == (451, b"4.3.0 ")
+    assert sink.messages == []
+    (failed,) = [e for e in logs if e["event"] == "spool_write_failed"]
+    assert failed["errno"] == "EROFS" and failed["path"].startswith(str(spool))
+    assert_no_address(logs)
+    small_disk.heal()
+    assert (await asyncio.to_thread(_reply, app.port, rcpts, message(rcpts)))[0] == 250
+
+
+async def test_quarantine_on_a_full_disk_is_451_and_leaves_nothing(
+    start_relay: StartRelay, sink: Sink, small_disk: SmallDisk
+) -> None:
+    qdir = small_disk.path / "q"
+    app = await start_relay(sink.url, {"quarantine": {"path": str(qdir)}, "policy": {"action": "quarantine"}})
+    rcpts = [f"c{i}@clients.example" for i in range(30)]  # enough to hide
+    small_disk.fill()
+    with structlog.testing.capture_logs() as logs:
+        code, text = await asyncio.to_thread(_reply, app.port, rcpts, message(rcpts))
+    assert (code, text[:6]) == (451, b"4.3.0 ")
+    assert app.runtime.quarantine.ids() == []
+    (failed,) = [e for e in logs if e["event"] == "quarantine_write_failed"]
+    assert failed["errno"] == "ENOSPC" and failed["path"].startswith(str(qdir))
+    assert_no_address(logs)
+    small_disk.heal()
+    code, text = await asyncio.to_thread(_reply, app.port, rcpts, message(rcpts))
+    assert code == 250 and len(app.runtime.quarantine.ids()) == 1
+
+
+async def test_a_read_only_maildir_new_only_is_could_not_store(
+    start_relay: StartRelay, small_disk: SmallDisk
+) -> None:
+    """tmp/ writable, new/ read-only (a bind mount): the files staged in tmp/ cannot be
+    moved; 451 4.3.0, nothing left in tmp/, new/ unchanged, /readyz names the outbox."""
+    outbox = small_disk.path / "outbox"
+    app = await start_relay(f"maildir:{outbox}", {"metrics": {"listen": "127.0.0.1:0"}})
+    rcpts = ["a@corp.example", "b@corp.example"]
+    data = message(rcpts)
+    assert (await asyncio.to_thread(_reply, app.port, rcpts, data))[0] == 250
+    new = outbox / "new"
+    before = sorted(p.name for p in new.iterdir())
+    with read_only_bind(new):
+        with structlog.testing.capture_logs() as logs:
+            code, text = await asyncio.to_thread(_reply, app.port, rcpts, data)
+            await app.runtime.relay.probe()
+        assert (code, text[:6]) == (451, b"4.3.0 ")
+        (failed,) = [e for e in logs if e["event"] == "outbox_write_failed"]
+        assert failed["path"].startswith(str(outbox)) and failed["errno"] in ("EROFS", "EXDEV")
+        assert list((outbox / "tmp").iterdir()) == []
+        assert sorted(p.name for p in new.iterdir()) == before
+        assert [e["kind"] for e in logs if e["event"] == "upstream_probe_failed"] == ["storage"]
+        assert_no_address(logs)
+        status, body = await asyncio.to_thread(_readyz, app.ops.port)
+        assert status == 503 and str(outbox) in body
+    assert (await asyncio.to_thread(_reply, app.port, rcpts, data))[0] == 250
