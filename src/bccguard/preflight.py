@@ -87,12 +87,26 @@ def _bind_fix(exc: OSError, key: str, value: str) -> str:
 
 
 def listen_problem(key: str, value: str) -> str | None:
-    """A listen address `serve` could not bind because its host does not resolve; None if fine."""
+    """Why `serve` could not bind `value` (a name that does not resolve, an address
+    that is not this machine's); None if fine.
+
+    Each resolved address is bound with port 0: that finds EADDRNOTAVAIL (a typo
+    in an IP, an address of another host, IPv6 switched off) without touching
+    the configured port, which a running relay may hold while its next config
+    is checked. Whether that port is free is for `serve` to find.
+    """
     host, port = parse_hostport(value)
     try:
-        socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         return f"{key} = {value!r}: host name not found ({exc.strerror}) (fix: use an IP address)"
+    for family, kind, proto, _, address in found:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.bind((address[0], 0, *address[2:]))
+        except OSError as exc:
+            fix = _bind_fix(exc, key, value)
+            return f"{key} = {value!r}: cannot bind {address[0]}: {errno_words(exc)} (fix: {fix})"
     return None
 
 
@@ -114,6 +128,10 @@ def dir_problem(key: str, path: Path) -> str | None:
     A missing directory is fine when `serve` could create it: its nearest
     existing parent must be a directory this user may write into.
     """
+    dangling = _dangling_link(key, path)
+    if dangling is not None:
+        reason, fix = dangling
+        return f"{key}: {path} {reason} (fix: {fix})"
     if path.exists():
         if not path.is_dir():
             return f"{key}: {path} is not a directory (fix: point {key} at a directory)"
@@ -135,6 +153,20 @@ def dir_problem(key: str, path: Path) -> str | None:
     return None
 
 
+def _dangling_link(key: str, path: Path) -> tuple[str, str] | None:
+    """Why a symbolic link whose target is missing cannot be used, and the fix; or None.
+
+    mkdir() refuses to create through it (EEXIST), and creating the target
+    would be wrong anyway: it is most often a volume not mounted yet.
+    """
+    if not path.is_symlink() or path.exists():
+        return None
+    return (
+        f"is a symbolic link to {path.readlink()}, which does not exist",
+        f"create the target or mount its volume, or point {key} elsewhere",
+    )
+
+
 def prepare_dirs(cfg: Config) -> list[tuple[str, Path]]:
     """`serve` only: create the state directories (0700) that are missing; the created ones.
 
@@ -143,6 +175,9 @@ def prepare_dirs(cfg: Config) -> list[tuple[str, Path]]:
     created = []
     for key, path in state_dirs(cfg):
         existed = path.is_dir()
+        dangling = _dangling_link(key, path)
+        if dangling is not None:
+            raise StartError(key, str(path), *dangling)
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
