@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from disk_helpers import mounted_small_disk
 from proc import cli_env, run_cli
 from sink import Sink, closed_port, self_signed_cert, server_tls_context
 
@@ -212,3 +213,27 @@ async def test_a_dangling_symlink_is_refused_by_config_check_and_by_serve_alike(
     (line,) = [x for x in err.splitlines() if "cannot start" in x]
     assert key in line and "symbolic link" in line
     assert not (tmp_path / "volume").exists()  # nothing created behind the link
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["existing", "missing"])
+async def test_a_read_only_file_system_is_named_as_such_not_as_permission_denied(
+    tmp_path: Path, existing: bool
+) -> None:
+    """As root, or with a volume mounted :ro, the errno is EROFS: "permission denied (EACCES)"
+    sent the admin to chmod, which cannot help."""
+    with mounted_small_disk(tmp_path) as disk:
+        spool = disk.path / "spool"
+        if existing:
+            spool.mkdir()
+        disk.read_only()
+        cfg = write(tmp_path, "")
+        cfg.write_text(cfg.read_text().replace(f'"{tmp_path / "s"}"', f'"{spool}"'))
+        rc, out, err = await run_cli("config", "check", "--config", str(cfg))
+        assert rc == 78 and out == ""
+        (line,) = err.splitlines()
+        assert f"spool.path: {spool}" in line and "read-only file system (EROFS)" in line, line
+        assert "fix: mount it read-write" in line and "EACCES" not in line
+        rc, _, err = await run_cli("serve", "--config", str(cfg), within=30)
+        assert rc != 0
+        (line,) = [x for x in err.splitlines() if "cannot start" in x]
+        assert "spool.path" in line and "read-only file system (EROFS)" in line, line

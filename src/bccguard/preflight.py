@@ -136,6 +136,8 @@ def dir_problem(key: str, path: Path) -> str | None:
         if not path.is_dir():
             return f"{key}: {path} is not a directory (fix: point {key} at a directory)"
         if not os.access(path, os.W_OK | os.X_OK):
+            if _read_only(path):
+                return f"{key}: {path} is on a read-only file system (EROFS) (fix: {_remount_fix(key)})"
             return (
                 f"{key}: {path} is not writable by {_user()} (fix: run as the relay's user, "
                 f"or chown/chmod it, or point {key} elsewhere)"
@@ -144,6 +146,11 @@ def dir_problem(key: str, path: Path) -> str | None:
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
+    if parent.is_dir() and _read_only(parent):
+        return (
+            f"{key}: {path} does not exist and cannot be created: {parent} is on a read-only "
+            f"file system (EROFS) (fix: {_remount_fix(key)})"
+        )
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return (
             f"{key}: {path} does not exist and {_user()} cannot create it in {parent} "
@@ -151,6 +158,18 @@ def dir_problem(key: str, path: Path) -> str | None:
             f"or point {key} elsewhere)"
         )
     return None
+
+
+def _read_only(path: Path) -> bool:
+    """True when `path` sits on a file system mounted read-only: EROFS, not a permission."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _remount_fix(key: str) -> str:
+    return f"mount it read-write (a volume mounted :ro?), or point {key} elsewhere"
 
 
 def _dangling_link(key: str, path: Path) -> tuple[str, str] | None:
@@ -186,6 +205,8 @@ def prepare_dirs(cfg: Config) -> list[tuple[str, Path]]:
                 f"create it for the relay's user, or point {key} elsewhere",
             ) from None  # fmt: skip
         if not os.access(path, os.W_OK | os.X_OK):
+            if _read_only(path):
+                raise StartError(key, str(path), "read-only file system (EROFS)", _remount_fix(key))
             raise StartError(
                 key, str(path), f"not writable by {_user()}: permission denied (EACCES)",
                 f"run as the relay's user, or chown it, or point {key} elsewhere",
