@@ -114,3 +114,35 @@ def test_a_bad_flag_is_reported_as_the_command_lines(tmp_path: Path) -> None:
     assert proc.returncode == 78
     assert proc.stderr.startswith("bccguard: config error: command line: server.listen:")
     assert len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("domain", "hint"),
+    [
+        ("corp.example,partner.example", "one domain per entry"),
+        ("corp.example partner.example", "one domain per entry"),
+        ("*.corp.example", "subdomains are included: write 'corp.example'"),
+        ("corp.example/24", "is not a domain"),
+    ],
+)
+def test_an_internal_domain_that_matches_no_address_is_refused(
+    tmp_path: Path, domain: str, hint: str
+) -> None:
+    """"a,b" or "*.a" would match no address at all: the colleagues meant would silently count
+    as customers, the trap of issue 14 item 4 again. Refused, from the flag and from the file."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bccguard.cli", "serve", "--internal-domain", "ok.example",
+         "--internal-domain", domain],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 78
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("bccguard: config error: command line: policy.internal_domains:")
+    assert repr(domain) in line and hint in line
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[policy]\ninternal_domains = [{json.dumps(domain)}]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bccguard.cli", "config", "check", "--config", str(cfg)],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 78 and hint in proc.stderr

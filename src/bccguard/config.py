@@ -94,12 +94,28 @@ def _networks(values: list[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(v, strict=False) for v in values)
 
 
+# What no mail domain holds (non-ASCII is left to IDNA): "a.example, b.example"
+# in one entry, or "*.a.example", would match no address at all, and the
+# colleagues it was meant for would silently count as customers.
+_NOT_IN_DOMAIN = re.compile(r"[^A-Za-z0-9._\-\x80-\U0010ffff]")
+
+
 def _domains(values: list[str]) -> frozenset[str]:
     out = set()
     for v in values:
-        if not v or "@" in v or " " in v.strip():
-            raise ValueError(f"{v!r} is not a domain")
-        out.add(normalize_domain(v.lstrip(".")))
+        d = v.strip()
+        if d.startswith("[") and d.endswith("]"):  # an address literal, [192.0.2.1]
+            out.add(normalize_domain(d))
+            continue
+        bad = _NOT_IN_DOMAIN.search(d)
+        if not d.strip(".") or bad is not None:
+            hint = ""
+            if bad is not None and bad.group() in ", ;":
+                hint = " (one domain per entry: a list item each, or --internal-domain once per domain)"
+            elif bad is not None and bad.group() == "*":
+                hint = f" (subdomains are included: write {d.lstrip('*.')!r})"
+            raise ValueError(f"{v!r} is not a domain{hint}")
+        out.add(normalize_domain(d.lstrip(".")))
     return frozenset(out)
 
 
