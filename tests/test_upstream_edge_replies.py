@@ -221,6 +221,33 @@ async def test_a_554_to_ehlo_after_starttls_is_451(start_relay: StartRelay, tmp_
         await served_afterwards(app, up)
 
 
+@pytest.mark.parametrize(
+    "starttls", [b"554 5.7.0 no TLS for you\r\n", None], ids=["refused", "not-offered"]
+)
+async def test_a_refused_or_missing_starttls_is_shown_in_readyz_at_once(
+    start_relay: StartRelay, tmp_path: Path, starttls: bytes | None
+) -> None:
+    """Issue 12 item 3 names STARTTLS among the session refusals "shown in /readyz": like a 554
+    greeting, nothing cures it but an admin, so the relay leaves rotation at once, and says why."""
+    cert, key = self_signed_cert(tmp_path)
+    up = RawUpstream()
+    up.tls = server_tls_context(cert, key)
+    if starttls is not None:
+        up.ehlo = GOOD_EHLO.replace(b"250 SIZE", b"250-STARTTLS\r\n250 SIZE")
+        up.starttls = starttls
+    async with up.server:
+        app = await start_relay(
+            f"smtp+starttls://127.0.0.1:{up.server.port}", {"upstream": {"ca_file": str(cert)}}
+        )
+        code, text = await send(app)
+        await app.runtime.relay.probe()
+        assert code == 451 and text.startswith(b"4.4.")
+        ready, reason = app.readiness()
+        assert not ready and "STARTTLS" in reason, reason
+        await served_afterwards(app, up)
+        assert app.readiness() == (True, "ready")
+
+
 async def test_a_5xx_to_starttls_on_a_smtp_url_never_sends_in_clear(
     start_relay: StartRelay, raw: RawUpstream, tmp_path: Path
 ) -> None:

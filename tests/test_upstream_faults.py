@@ -206,7 +206,7 @@ async def test_refused_starttls_is_451(start_relay: StartRelay, raw: RawUpstream
     with structlog.testing.capture_logs() as logs:
         code, text = await send(app)
     assert code == 451 and text.startswith(b"4.4.")
-    assert raw.delivered == [] and failures(app, "tls") >= 1 and failures(app, "5xx") == 0
+    assert raw.delivered == [] and failures(app, "session") >= 1 and failures(app, "5xx") == 0
     assert_no_address(logs)
     await served_afterwards(app, raw)
     assert b"STAR" in raw.commands

@@ -630,11 +630,16 @@ class SMTPUpstream:
 
     async def _starttls(self, conn: Connection) -> None:
         assert self._tls is not None  # set for every TLS scheme
+        # Required TLS the upstream will not give is a refusal of the session, as a
+        # 554 greeting is: nothing but an admin cures it (kind "session": 451 4.4.1
+        # and /readyz at once). A 454 is the passing kind; a failed handshake "tls".
         if "STARTTLS" not in conn.extensions:
-            raise UpstreamError("tls", "upstream does not offer STARTTLS")
+            raise UpstreamError("session", "upstream does not offer STARTTLS, which the url requires")
         reply = await conn.command(b"STARTTLS\r\n", "STARTTLS")
         if reply.code != 220:
-            raise UpstreamError("tls", "upstream refused STARTTLS", reply)
+            if reply.is_temporary or reply.is_permanent:
+                raise UpstreamError.session_refused("upstream refused STARTTLS", reply)
+            raise UpstreamError("protocol", "STARTTLS answered with neither 220 nor a refusal", reply)
         # Anything already buffered was sent before the handshake and could be
         # injected by a man in the middle (CVE-2011-0411 style): refuse it.
         if conn.pending() or bool(getattr(conn.reader, "_buffer", b"")):
