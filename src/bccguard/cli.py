@@ -391,12 +391,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     `--deep` also talks to the upstream (connect, EHLO, its TLS and ca_file).
     """
     from bccguard import preflight
-    from bccguard.app import load_credentials
-    from bccguard.smtp.tls import server_context
+    from bccguard.app import check_loadable
 
     cfg = load(args.config)
-    server_context(cfg.server.tls)  # a cert/key that does not load is a config error
-    load_credentials(cfg)
+    check_loadable(cfg)  # a cert, key, ca_file or users file that does not load is a config error
     problems = [
         p
         for p in (
@@ -467,7 +465,7 @@ def serve_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
 def cmd_serve(args: argparse.Namespace) -> int:
     from bccguard import preflight
     from bccguard.ops.logs import configure, get_logger
-    from bccguard.workers import WorkerRole
+    from bccguard.workers import WorkerRole, WorkerStartFailed
 
     overrides, flags = serve_overrides(args)
     cfg: Config = load(args.config, overrides)
@@ -481,13 +479,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for key, path in preflight.prepare_dirs(cfg):
                 get_logger("bccguard").info("directory_created", key=key, path=str(path), uid=os.geteuid())
         if cfg.server.workers > 1 and worker is None:
+            from bccguard.app import check_loadable
             from bccguard.workers import Supervisor
 
+            check_loadable(cfg)  # before any worker: one line, exit 78, as a single relay says it
             return Supervisor(cfg, config_path=args.config, serve_args=flags).run()
         return _serve_one(cfg, args.config, worker, overrides)
     except preflight.StartError as exc:
         print(f"bccguard: cannot start: {exc}", file=sys.stderr)
         return 1
+    except WorkerStartFailed as exc:
+        print(f"bccguard: cannot start: {exc}", file=sys.stderr)
+        return EX_CONFIG if exc.code == EX_CONFIG else 1
     except OSError as exc:  # not one of the sockets or paths preflight knows: name what we can
         where = f" on {exc.filename}" if exc.filename else ""
         print(f"bccguard: cannot start: {preflight.errno_words(exc)}{where}", file=sys.stderr)

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
-from bccguard.config import UpstreamConfig
+from bccguard.config import ConfigError, UpstreamConfig
 from bccguard.upstream import (
     DeliveryResult,
     Reply,
@@ -357,8 +357,19 @@ def _parse_ehlo(reply: Reply) -> dict[str, str]:
 
 
 def make_tls_context(cfg: UpstreamConfig) -> ssl.SSLContext:
-    """Verification on by default (system CAs or cfg.ca_file); verify_tls=false opts out."""
-    ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+    """Verification on by default (system CAs or cfg.ca_file); verify_tls=false opts out.
+
+    A ca_file that does not load (empty, not PEM, unreadable) is a ConfigError,
+    as a server certificate that does not load is (smtp/tls.py): exit 78 with
+    one line naming the key, and a reload keeps the old upstream.
+    """
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(
+            [f"upstream.ca_file: cannot load {cfg.ca_file} ({reason}) (fix: a PEM file of CA certificates)"]
+        ) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if not cfg.verify_tls:
         ctx.check_hostname = False
