@@ -360,3 +360,23 @@ async def test_a_slow_reply_to_the_final_dot_hits_delivery_timeout(
     await served_afterwards(app, raw)
     assert raw.server.connections == connections + 1  # a fresh connection, not the cut one
 
+
+
+# ---------------------------------------------------------------- a pooled connection out of step
+
+
+async def test_an_extra_line_after_the_final_reply_takes_the_message_but_not_the_connection(
+    start_relay: StartRelay, raw: RawUpstream
+) -> None:
+    """The 250 is the upstream's word for this message; the unasked-for line after it would be
+    read as the reply to the next message's MAIL on a pooled connection. A new one is used."""
+    app = await start_relay(raw.url, {"upstream": {"pool_size": 2}})
+    raw.final = b"250 2.0.0 queued as RAW1\r\n250 2.0.0 and this too\r\n"
+    code, _ = await send(app)
+    assert code == 250 and len(raw.delivered) == 1
+    connections = raw.server.connections
+    raw.mail = b"550 5.7.1 the next MAIL is refused\r\n"  # what the stale line would hide
+    code, text = await send(app)
+    assert (code, text[:6]) == (550, b"5.7.1 ")
+    assert raw.server.connections == connections + 1
+    await served_afterwards(app, raw)
