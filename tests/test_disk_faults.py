@@ -284,3 +284,45 @@ async def test_a_read_only_maildir_new_only_is_could_not_store(
         status, body = await asyncio.to_thread(_readyz, app.ops.port)
         assert status == 503 and str(outbox) in body
     assert (await asyncio.to_thread(_reply, app.port, rcpts, data))[0] == 250
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+async def test_the_spool_runner_on_an_unwritable_spool_keeps_the_entry_counts_and_goes_on(
+    start_relay: StartRelay, sink: Sink, small_disk: SmallDisk, fault: str
+) -> None:
+    """A spooled copy the upstream now refuses for good needs a DSN written. With the disk
+    full or read-only the runner gave up the whole pass with a traceback ("spool_runner_failed"),
+    uncounted, and the entries after it waited. Now: the entry stays as it was (its DSN is
+    written once the disk heals, never lost), the failure is counted and logged with path and
+    errno, and the next entry is still tried."""
+    spool = small_disk.path / "spool"
+    app = await start_relay(sink.url, {"spool": {"path": str(spool)}})
+    bad, good = "bad@clients.example", "good@clients.example"
+    sink.rcpt_replies = {bad: "550 5.1.1 User unknown"}
+    while app.retrier._fresh:
+        await asyncio.sleep(0.05)
+    # Not due for an hour: only the run_once(force=True) below tries them.
+    first = app.runtime.spool.put(message([bad]), SENDER, (bad,), kind="retry", delay=3600)
+    await asyncio.sleep(1.1)  # ids sort by the second: the good entry comes after the bad one
+    app.runtime.spool.put(message([good]), SENDER, (good,), kind="retry", delay=3600)
+    app.retrier.release()  # its lock file is open for writing: a remount read-only would be busy
+    small_disk.fill() if fault == "full" else small_disk.read_only()
+
+    with structlog.testing.capture_logs() as logs:
+        await app.retrier.run_once(force=True)
+    errors = [e for e in logs if e["log_level"] == "error"]
+    # Read-only, the good entry fails too: delivered, it cannot be removed (sent again later).
+    assert errors and {e["event"] for e in errors} == {"spool_write_failed"}
+    failed = errors[0]
+    assert failed["errno"] == ("ENOSPC" if fault == "full" else "EROFS")
+    assert failed["path"].startswith(str(spool)) and failed["spool_id"] == first
+    assert _sample(app, "bccguard_store_write_failures_total", store="spool") >= 1
+    assert any(m.rcpt_tos == [good] for m in sink.messages)  # the entry after it was tried
+    assert first in {e.id for e in app.runtime.spool.entries()}
+    assert_no_address(logs)
+
+    small_disk.heal()
+    await app.retrier.run_once(force=True)
+    kinds = [e.kind for e in app.runtime.spool.entries()]
+    assert first not in {e.id for e in app.runtime.spool.entries()}
+    assert kinds in (["dsn"], []) and (kinds or any(m.mail_from == "<>" for m in sink.messages))
