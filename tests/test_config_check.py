@@ -237,3 +237,31 @@ async def test_a_read_only_file_system_is_named_as_such_not_as_permission_denied
         assert rc != 0
         (line,) = [x for x in err.splitlines() if "cannot start" in x]
         assert "spool.path" in line and "read-only file system (EROFS)" in line, line
+
+
+@pytest.mark.parametrize(
+    ("text", "clash"),
+    [
+        ('[server]\nlisten = "127.0.0.1:{p}"\n[metrics]\nlisten = "127.0.0.1:{p}"\n', "metrics.listen"),
+        ('[server]\nlisten = "127.0.0.1:{p}"\n[metrics]\nlisten = "0.0.0.0:{p}"\n', "metrics.listen"),
+        ('[server]\nlisten = "127.0.0.1:{p}"\n[console]\nlisten = "[::]:{p}"\n', "console.listen"),
+        ('[server]\nlisten = "127.0.0.1:{p}"\n[metrics]\nlisten = "127.0.0.2:{p}"\n', None),
+        ('[server]\nlisten = "127.0.0.1:0"\n[metrics]\nlisten = "127.0.0.1:0"\n', None),
+    ],
+    ids=["same", "wildcard", "console-v6-wildcard", "other-loopback", "both-ephemeral"],
+)
+async def test_two_of_bccguards_own_sockets_on_one_port_are_a_config_error(
+    tmp_path: Path, text: str, clash: str | None
+) -> None:
+    """config check said "ok"; serve then said "address already in use ... another process
+    listens there (`ss -ltnp` names it)", and that other process was itself."""
+    cfg = write(tmp_path, text.format(p=closed_port()))
+    rc, out, err = await run_cli("config", "check", "--config", str(cfg))
+    if clash is None:
+        assert (rc, err) == (0, ""), err
+        return
+    assert rc == 78 and out == ""
+    (line,) = err.splitlines()
+    assert f"{clash}: port" in line and "server.listen" in line and "fix:" in line, line
+    rc, _, err = await run_cli("serve", "--config", str(cfg), within=30)
+    assert rc == 78 and "another process" not in err

@@ -859,6 +859,7 @@ def _cross_checks(cfg: Config, source: str) -> None:
             problems.append(f"{label}: {p} does not exist (fix: point it at a PEM file)")
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
+    problems += _listen_clashes(cfg)
     if cfg.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         problems.append(
             "server.event_loop: uvloop is not installed (fix: pip install uvloop, or \"auto\")"
@@ -871,6 +872,26 @@ def _cross_checks(cfg: Config, source: str) -> None:
             )
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
+
+
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _listen_clashes(cfg: Config) -> list[str]:
+    """Two of bccguard's own sockets on one port: serve (or the console) would fail with
+    "address already in use", and the fix it gives (find the other process) points at us."""
+    keys = [("server.listen", cfg.server.listen), ("metrics.listen", cfg.metrics.listen),
+            ("console.listen", cfg.console.listen)]  # fmt: skip
+    bound = [(key, *parse_hostport(value)) for key, value in keys if value]
+    problems = []
+    for i, (key_a, host_a, port_a) in enumerate(bound):
+        for key_b, host_b, port_b in bound[i + 1 :]:
+            same_host = host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS
+            if port_a and port_a == port_b and same_host:
+                problems.append(
+                    f"{key_b}: port {port_b} is also {key_a}'s (fix: give each its own port)"
+                )
+    return problems
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
