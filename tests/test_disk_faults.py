@@ -326,3 +326,30 @@ async def test_the_spool_runner_on_an_unwritable_spool_keeps_the_entry_counts_an
     kinds = [e.kind for e in app.runtime.spool.entries()]
     assert first not in {e.id for e in app.runtime.spool.entries()}
     assert kinds in (["dsn"], []) and (kinds or any(m.mail_from == "<>" for m in sink.messages))
+
+
+async def test_a_full_maildir_outbox_is_could_not_store_and_leaves_no_partial_file(
+    start_relay: StartRelay, small_disk: SmallDisk
+) -> None:
+    """Five recipients, room for about two of their files: none may stay in new/ (a reader
+    would deliver a part of the message's recipients and the resend would repeat them),
+    none in tmp/."""
+    outbox = small_disk.path / "outbox"
+    app = await start_relay(f"maildir:{outbox}")
+    rcpts = [f"r{i}@corp.example" for i in range(5)]
+    data = message(rcpts, body="z" * 70 + "\r\n" + ("w" * 70 + "\r\n") * 250)  # ~18 KB a file
+    assert (await asyncio.to_thread(_reply, app.port, rcpts[:1], data))[0] == 250
+    before = sorted(p.name for p in (outbox / "new").iterdir())
+    small_disk.fill()
+    _free_pages(small_disk, 10)  # two files' worth
+    with structlog.testing.capture_logs() as logs:
+        code, text = await asyncio.to_thread(_reply, app.port, rcpts, data)
+    assert (code, text[:6]) == (451, b"4.3.0 ")
+    (failed,) = [e for e in logs if e["event"] == "outbox_write_failed"]
+    assert failed["errno"] == "ENOSPC" and failed["path"].startswith(str(outbox))
+    assert sorted(p.name for p in (outbox / "new").iterdir()) == before
+    assert list((outbox / "tmp").iterdir()) == []
+    assert_no_address(logs)
+    small_disk.heal()
+    assert (await asyncio.to_thread(_reply, app.port, rcpts, data))[0] == 250
+    assert len(list((outbox / "new").iterdir())) == len(before) + 5
