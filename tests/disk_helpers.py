@@ -94,3 +94,14 @@ def assert_no_address(logs: list[dict[str, Any]]) -> None:
     for event in logs:
         text = json.dumps(event, default=str)
         assert "@" not in text, f"an address-like text leaked into a log line: {text}"
+
+
+@contextlib.contextmanager
+def read_only_bind(path: Path) -> Iterator[None]:
+    """`path` alone read-only (a read-only bind mount over itself); writable again afterwards."""
+    _mount("--bind", str(path), str(path))
+    try:
+        _mount("-o", "remount,bind,ro", str(path))
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True, check=False)

@@ -279,8 +279,9 @@ class RawServer:
     For peers no SMTP library would play: silent, garbage, out of sequence.
     """
 
-    def __init__(self, conversation: Conversation) -> None:
+    def __init__(self, conversation: Conversation, *, tls: ssl.SSLContext | None = None) -> None:
         self.conversation = conversation
+        self.tls = tls  # implicit TLS (smtps): the conversation starts after the handshake
         self.port = 0
         self.connections = 0
         self._server: asyncio.Server | None = None
@@ -297,7 +298,7 @@ class RawServer:
             writer.close()
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, HOST, 0)
+        self._server = await asyncio.start_server(self._serve, HOST, 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -182,3 +182,49 @@ def test_check_into_a_closed_pipe_ends_quietly_with_the_verdict(
         os.close(write_end)
     assert proc.stderr == ""
     assert proc.returncode == verdict_code
+
+
+def _with_stdout(stdout: object, *args: str, close_stdout: bool = False) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "bccguard.cli", *args],
+        stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60, check=False,  # type: ignore[arg-type]
+        preexec_fn=(lambda: os.close(1)) if close_stdout else None,
+    )  # fmt: skip
+
+
+def _commands(tmp_path: Path, cfg: Path) -> dict[str, tuple[list[str], int]]:
+    """Commands that write to stdout, with the exit code each has when all goes well."""
+    eml = tmp_path / "survey.eml"
+    eml.write_bytes(SURVEY.encode())
+    (tmp_path / "q").mkdir(exist_ok=True)
+    cfg.write_text(cfg.read_text() + f'[quarantine]\npath = "{tmp_path / "q"}"\n')
+    c = ["--config", str(cfg)]
+    return {
+        "check": (["check", str(eml), *c], 1),
+        "check-json": (["check", str(eml), "--json", *c], 1),
+        "config-check": (["config", "check", *c], 0),
+        "quarantine-list": (["quarantine", "list", *c], 0),
+    }
+
+
+@pytest.mark.parametrize("command", ["check", "check-json", "config-check", "quarantine-list"])
+def test_a_closed_stdout_is_quiet_with_the_commands_own_code(tmp_path: Path, cfg: Path, command: str) -> None:
+    """`bccguard check m.eml >&-` (fd 1 closed, as some cron wrappers leave it): Python has no
+    sys.stdout at all, and `check` died with AttributeError on flush."""
+    args, code = _commands(tmp_path, cfg)[command]
+    proc = _with_stdout(None, *args, close_stdout=True)
+    assert (proc.returncode, proc.stderr) == (code, "")
+
+
+@pytest.mark.parametrize("command", ["check", "check-json", "config-check", "quarantine-list"])
+def test_a_full_disk_under_the_output_is_one_line_and_74(tmp_path: Path, cfg: Path, command: str) -> None:
+    """`bccguard quarantine list > /dev/full` said "No space left on device on <quarantine path>
+    (fix: ... check quarantine.path)", sending the admin to a disk that was fine; `check` and
+    `config check` printed a traceback. The output is what failed: one line, exit 74 (EX_IOERR)."""
+    args, _ = _commands(tmp_path, cfg)[command]
+    with open("/dev/full", "w") as full:
+        proc = _with_stdout(full, *args)
+    assert proc.returncode == 74
+    assert proc.stderr == "bccguard: cannot write the output: no space left on device (ENOSPC)\n"

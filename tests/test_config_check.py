@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from disk_helpers import mounted_small_disk
 from proc import cli_env, run_cli
 from sink import Sink, closed_port, self_signed_cert, server_tls_context
 
@@ -153,3 +155,113 @@ async def test_no_internal_domains_is_a_warning_from_serve_check_and_config_chec
             raise
     warned = [line for line in lines if b"policy.internal_domains is empty" in line]
     assert len(warned) == 1 and b'"level": "warning"' in warned[0]
+
+
+# ---------------------------------------------------------------- cases next to the issue's examples
+
+
+@pytest.mark.parametrize("key", ["server.listen", "metrics.listen"])
+@pytest.mark.parametrize("address", ["192.0.2.1:10025", "[fe80::1]:10025"], ids=["not-ours", "no-scope"])
+async def test_config_check_refuses_an_address_this_machine_does_not_have(
+    tmp_path: Path, key: str, address: str
+) -> None:
+    """A valid IP of another host (TEST-NET-1 here) is what a copied config carries; serve then
+    fails with EADDRNOTAVAIL. The check binds port 0, so a running relay's port is no obstacle."""
+    section, name = key.split(".")
+    cfg = write(tmp_path, f'[{section}]\n{name} = "{address}"\n')
+    rc, out, err = await run_cli("config", "check", "--config", str(cfg))
+    assert rc == 78 and out == ""
+    (line,) = err.splitlines()
+    assert f"{key} = '{address}': cannot bind" in line and "fix:" in line, line
+    rc, _, err = await run_cli("serve", "--config", str(cfg), within=30)
+    assert rc != 0, "serve started with what config check refused"
+
+
+async def test_config_check_passes_a_port_a_running_relay_already_holds(tmp_path: Path) -> None:
+    """Checking the next config of a running relay: its own port is taken, and that is fine."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg = write(tmp_path, f'[server]\nlisten = "127.0.0.1:{port}"\n')
+        rc, out, err = await run_cli("config", "check", "--config", str(cfg))
+    assert (rc, err) == (0, ""), err
+
+
+@pytest.mark.parametrize("key", ["quarantine.path", "spool.path", "upstream.url"])
+async def test_a_dangling_symlink_is_refused_by_config_check_and_by_serve_alike(
+    tmp_path: Path, key: str
+) -> None:
+    """A state directory that is a link to a volume not mounted yet: config check said ok, and
+    serve then failed with "file exists (EEXIST)". Both now name the link and its target."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "volume" / "not-mounted")
+    cfg = write(tmp_path, "")
+    section = key.partition(".")[0]
+    text = cfg.read_text()
+    if section in ("quarantine", "spool"):
+        text = text.replace(f'"{tmp_path / section[0]}"', f'"{link}"')
+    else:
+        text += f'[upstream]\nurl = "maildir:{link}"\n'
+    cfg.write_text(text)
+    rc, out, err = await run_cli("config", "check", "--config", str(cfg))
+    assert rc == 78 and out == ""
+    (line,) = err.splitlines()
+    assert f"{key}: {link} is a symbolic link to" in line and "not-mounted" in line and "fix:" in line
+    rc, _, err = await run_cli("serve", "--config", str(cfg), within=30)
+    assert rc != 0
+    (line,) = [x for x in err.splitlines() if "cannot start" in x]
+    assert key in line and "symbolic link" in line
+    assert not (tmp_path / "volume").exists()  # nothing created behind the link
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["existing", "missing"])
+async def test_a_read_only_file_system_is_named_as_such_not_as_permission_denied(
+    tmp_path: Path, existing: bool
+) -> None:
+    """As root, or with a volume mounted :ro, the errno is EROFS: "permission denied (EACCES)"
+    sent the admin to chmod, which cannot help."""
+    with mounted_small_disk(tmp_path) as disk:
+        spool = disk.path / "spool"
+        if existing:
+            spool.mkdir()
+        disk.read_only()
+        cfg = write(tmp_path, "")
+        cfg.write_text(cfg.read_text().replace(f'"{tmp_path / "s"}"', f'"{spool}"'))
+        rc, out, err = await run_cli("config", "check", "--config", str(cfg))
+        assert rc == 78 and out == ""
+        (line,) = err.splitlines()
+        assert f"spool.path: {spool}" in line and "read-only file system (EROFS)" in line, line
+        assert "fix: mount it read-write" in line and "EACCES" not in line
+        rc, _, err = await run_cli("serve", "--config", str(cfg), within=30)
+        assert rc != 0
+        (line,) = [x for x in err.splitlines() if "cannot start" in x]
+        assert "spool.path" in line and "read-only file system (EROFS)" in line, line
+
+
+@pytest.mark.parametrize(
+    ("text", "clash"),
+    [
+        ('[server]\nlisten = "127.0.0.1:{p}"\n[metrics]\nlisten = "127.0.0.1:{p}"\n', "metrics.listen"),
+        ('[server]\nlisten = "127.0.0.1:{p}"\n[metrics]\nlisten = "0.0.0.0:{p}"\n', "metrics.listen"),
+        ('[server]\nlisten = "127.0.0.1:{p}"\n[console]\nlisten = "[::]:{p}"\n', "console.listen"),
+        ('[server]\nlisten = "127.0.0.1:{p}"\n[metrics]\nlisten = "127.0.0.2:{p}"\n', None),
+        ('[server]\nlisten = "127.0.0.1:0"\n[metrics]\nlisten = "127.0.0.1:0"\n', None),
+    ],
+    ids=["same", "wildcard", "console-v6-wildcard", "other-loopback", "both-ephemeral"],
+)
+async def test_two_of_bccguards_own_sockets_on_one_port_are_a_config_error(
+    tmp_path: Path, text: str, clash: str | None
+) -> None:
+    """config check said "ok"; serve then said "address already in use ... another process
+    listens there (`ss -ltnp` names it)", and that other process was itself."""
+    cfg = write(tmp_path, text.format(p=closed_port()))
+    rc, out, err = await run_cli("config", "check", "--config", str(cfg))
+    if clash is None:
+        assert (rc, err) == (0, ""), err
+        return
+    assert rc == 78 and out == ""
+    (line,) = err.splitlines()
+    assert f"{clash}: port" in line and "server.listen" in line and "fix:" in line, line
+    rc, _, err = await run_cli("serve", "--config", str(cfg), within=30)
+    assert rc == 78 and "another process" not in err

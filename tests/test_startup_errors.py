@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from proc import cli_env
+from sink import closed_port
 
 WORKERS = pytest.mark.parametrize("workers", [1, 2], ids=["single", "supervisor"])
 
@@ -108,3 +109,43 @@ def test_unwritable_quarantine_names_the_path_and_key(tmp_path: Path, workers: i
     assert rc == 1
     assert f"quarantine.path = '{target}'" in line and "permission denied (EACCES)" in line
     assert not (locked / "quarantine").exists()
+
+
+# ---------------------------------------------------------------- files that exist but do not load
+
+BAD_FILES = {
+    "server-cert": ('[server.tls]\ncert = "{bad}"\nkey = "{bad}"\n', "server.tls: cannot load"),
+    "upstream-ca": (
+        '[upstream]\nurl = "smtps://127.0.0.1:{port}"\nca_file = "{bad}"\n',
+        "upstream.ca_file: cannot load",
+    ),
+}
+
+
+@WORKERS
+@pytest.mark.parametrize("case", list(BAD_FILES), ids=list(BAD_FILES))
+@pytest.mark.parametrize("content", [b"", b"not a certificate\n"], ids=["empty", "garbage"])
+def test_a_tls_file_that_does_not_load_is_one_config_line_and_78(
+    tmp_path: Path, workers: int, case: str, content: bytes
+) -> None:
+    """A ca_file that is no PEM made serve say "cannot start: unknown error 136" (no key, no
+    file); with 2 workers (the default "auto" on two cores), a bad server certificate gave each
+    worker's line, a "stopped" line and a RuntimeError traceback, exit 1. And config check
+    passed the ca_file that serve then refused."""
+    bad = tmp_path / "bad.pem"
+    bad.write_bytes(content)
+    extra, needle = BAD_FILES[case]
+    cfg = config(tmp_path, workers, extra.format(bad=bad, port=closed_port()))
+    text = cfg.read_text()
+    if case == "upstream-ca":  # the file's own [upstream] (a maildir) gives way to this one
+        text = text.replace(f'[upstream]\nurl = "maildir:{tmp_path / "o"}"\n', "")
+    cfg.write_text(text)
+    rc, err = serve(tmp_path, cfg)
+    assert rc == 78, err
+    (line,) = err.splitlines()
+    assert line.startswith("bccguard: config error: ") and needle in line and "fix:" in line, line
+    check = subprocess.run(
+        [sys.executable, "-m", "bccguard.cli", "config", "check", "--config", str(cfg)],
+        env=cli_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert check.returncode == 78 and needle in check.stderr

@@ -52,6 +52,9 @@ class RawUpstream:
         self.rcpt = b"250 2.1.5 ok\r\n"
         self.rcpt_delay = 0.0
         self.final = b"250 2.0.0 queued as RAW1\r\n"
+        self.final_delay = 0.0
+        self.rset = b"250 2.0.0 ok\r\n"
+        self.ehlo_tls: bytes | None = None  # EHLO after STARTTLS, when it differs
         self.tls: ssl.SSLContext | None = None  # STARTTLS answered 220 really starts TLS
         self.delivered: list[bytes] = []
         self.commands: list[bytes] = []
@@ -70,7 +73,8 @@ class RawUpstream:
             verb = line[:4].upper()
             self.commands.append(verb)
             if verb == b"EHLO":
-                writer.write(self.ehlo)
+                tls = writer.get_extra_info("ssl_object") is not None
+                writer.write(self.ehlo_tls if tls and self.ehlo_tls is not None else self.ehlo)
             elif verb == b"HELO":
                 writer.write(self.helo)
             elif verb == b"STAR":
@@ -91,19 +95,24 @@ class RawUpstream:
                     content += part
                 if self.final.startswith(b"2"):
                     self.delivered.append(content)
+                await asyncio.sleep(self.final_delay)
                 writer.write(self.final)
             elif verb == b"QUIT":
                 writer.write(b"221 bye\r\n")
                 await writer.drain()
                 return
-            else:  # RSET, NOOP
+            elif verb == b"RSET":
+                writer.write(self.rset)
+            else:  # NOOP
                 writer.write(b"250 2.0.0 ok\r\n")
             await writer.drain()
 
     def behave(self) -> None:
         """Back to a well-behaved server."""
         fresh = RawUpstream()
-        for name in ("greeting", "ehlo", "helo", "starttls", "mail", "rcpt", "rcpt_delay", "final"):
+        names = ("greeting", "ehlo", "helo", "starttls", "mail", "rcpt", "rcpt_delay", "final",
+                 "final_delay", "rset", "ehlo_tls")  # fmt: skip
+        for name in names:
             setattr(self, name, getattr(fresh, name))
         if self.tls is not None:
             self.ehlo = GOOD_EHLO.replace(b"250 SIZE", b"250-STARTTLS\r\n250 SIZE")
@@ -197,7 +206,7 @@ async def test_refused_starttls_is_451(start_relay: StartRelay, raw: RawUpstream
     with structlog.testing.capture_logs() as logs:
         code, text = await send(app)
     assert code == 451 and text.startswith(b"4.4.")
-    assert raw.delivered == [] and failures(app, "tls") >= 1 and failures(app, "5xx") == 0
+    assert raw.delivered == [] and failures(app, "session") >= 1 and failures(app, "5xx") == 0
     assert_no_address(logs)
     await served_afterwards(app, raw)
     assert b"STAR" in raw.commands

@@ -408,6 +408,18 @@ class App:
         loop.add_reader(fd, on_readable)
 
 
+def check_loadable(config: Config) -> None:
+    """Load what building a Runtime reads from files (TLS certificate and key, AUTH users,
+    the upstream's ca_file), and throw it away; a problem is a ConfigError (exit 78).
+
+    `config check` and the supervisor call it, so a file that does not load is one
+    line before any worker starts, not each worker's error and a "worker exited".
+    """
+    server_context(config.server.tls)
+    load_credentials(config)
+    open_upstream(config.upstream, hostname=config.server.hostname)  # its TLS context; connects nowhere
+
+
 def load_credentials(config: Config) -> Credentials | None:
     """The AUTH users of `server.auth_file`, or None; problems are config errors (exit 78)."""
     if not config.server.auth_file:

@@ -3,7 +3,8 @@
 User mistakes (a bad config, a missing file, a port in use) print one line
 that names the problem and the fix, never a traceback. Exit codes: 0 ok,
 1 "the message would be changed/held/refused" (check) or a runtime failure,
-2 bad input, 78 bad configuration (EX_CONFIG, what systemd and sysexits know).
+2 bad input, 74 the output could not be written (EX_IOERR), 78 bad configuration
+(EX_CONFIG, what systemd and sysexits know).
 `config check` exits 78 also for what `serve` would refuse outside the file
 (a listen host that does not resolve, a directory it cannot write), and
 `--deep` 1 when the upstream does not answer. README.md has the whole table.
@@ -22,12 +23,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from bccguard import __version__
 from bccguard.config import Config, ConfigError, load
 
 EX_OK, EX_CHANGED, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+EX_IOERR = 74  # sysexits.h: the output could not be written (a full disk under `> file`)
 # AUTH lets a client relay from anywhere, and the port answers whoever can connect; the password
 # is the only factor. An admin sets it for a mail client (it is typed once, so long costs nothing).
 MIN_PASSWORD = 12
@@ -192,9 +194,72 @@ def _quarantine_parser(sub: Any) -> None:
     _config_arg(p)
 
 
+class _OutputFailed(Exception):
+    """Writing to stdout failed. Not an OSError on purpose: the `except OSError` that
+    reports a store's failure ("... on /var/lib/bccguard/quarantine") must not catch
+    it, or a full disk under `> listing.txt` reads as a full quarantine."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+class _Guarded:
+    """A stream whose write/flush failures become _OutputFailed; the rest is the stream's."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self._stream.write(data))
+        except OSError as exc:
+            raise _OutputFailed(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise _OutputFailed(exc) from None
+
+    @property
+    def buffer(self) -> _Guarded:  # `quarantine show --raw` writes bytes
+        return _Guarded(self._stream.buffer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _output_failed(failed: _OutputFailed, code: int) -> int:
+    """`code` when the reader closed the pipe (it has what it wanted); else one line and 74."""
+    _stdout_closed()
+    if isinstance(failed.exc, BrokenPipeError):
+        return code
+    from bccguard.preflight import errno_words
+
+    print(f"bccguard: cannot write the output: {errno_words(failed.exc)}", file=sys.stderr)
+    return EX_IOERR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    saved = sys.stdout
+    # Started with stdout closed (`>&-`): nobody reads it, as with a closed pipe.
+    stream = saved if saved is not None else Path(os.devnull).open("w")  # noqa: SIM115 - for the process
+    sys.stdout = cast(TextIO, _Guarded(stream))
+    try:
+        code = _run(parser, args)
+        try:
+            sys.stdout.flush()  # here, not in the interpreter's exit, where a failure is a traceback
+        except _OutputFailed as failed:
+            return _output_failed(failed, code)
+        return code
+    finally:
+        sys.stdout = saved
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.command == "serve":
             return cmd_serve(args)
@@ -218,9 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `bccguard quarantine list | head`: what was asked for is done
-        _stdout_closed()
-        return EX_OK
+    except _OutputFailed as failed:  # `bccguard quarantine list | head`: what was asked for is done
+        return _output_failed(failed, EX_OK)
     parser.print_help(sys.stderr)
     return EX_USAGE
 
@@ -232,13 +296,15 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     try:
         match args.quarantine_command:
             case "list":
-                return review.cmd_list(cfg, as_json=args.json)
+                return review.cmd_list(cfg, as_json=args.json, out=sys.stdout)
             case "show":
-                return review.cmd_show(cfg, args.id, raw=args.raw)
+                return review.cmd_show(cfg, args.id, raw=args.raw, out=sys.stdout)
             case "release":
-                return review.cmd_release(cfg, args.id, rewrite=args.rewrite, split=args.split)
+                return review.cmd_release(
+                    cfg, args.id, rewrite=args.rewrite, split=args.split, out=sys.stdout
+                )
             case "delete":
-                return review.cmd_delete(cfg, args.id)
+                return review.cmd_delete(cfg, args.id, out=sys.stdout)
             case _:
                 return _purge(cfg, args)
     except review.ReviewError as exc:
@@ -324,7 +390,7 @@ def _purge(cfg: Config, args: argparse.Namespace) -> int:
             )
             return EX_USAGE
         confirm = _ask
-    return review.cmd_purge(cfg, args.older_than, dry_run=args.dry_run, confirm=confirm)
+    return review.cmd_purge(cfg, args.older_than, dry_run=args.dry_run, confirm=confirm, out=sys.stdout)
 
 
 def _ask(question: str) -> bool:
@@ -342,12 +408,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     `--deep` also talks to the upstream (connect, EHLO, its TLS and ca_file).
     """
     from bccguard import preflight
-    from bccguard.app import load_credentials
-    from bccguard.smtp.tls import server_context
+    from bccguard.app import check_loadable
 
     cfg = load(args.config)
-    server_context(cfg.server.tls)  # a cert/key that does not load is a config error
-    load_credentials(cfg)
+    check_loadable(cfg)  # a cert, key, ca_file or users file that does not load is a config error
     problems = [
         p
         for p in (
@@ -418,7 +482,7 @@ def serve_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
 def cmd_serve(args: argparse.Namespace) -> int:
     from bccguard import preflight
     from bccguard.ops.logs import configure, get_logger
-    from bccguard.workers import WorkerRole
+    from bccguard.workers import WorkerRole, WorkerStartFailed
 
     overrides, flags = serve_overrides(args)
     cfg: Config = load(args.config, overrides)
@@ -432,13 +496,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for key, path in preflight.prepare_dirs(cfg):
                 get_logger("bccguard").info("directory_created", key=key, path=str(path), uid=os.geteuid())
         if cfg.server.workers > 1 and worker is None:
+            from bccguard.app import check_loadable
             from bccguard.workers import Supervisor
 
+            check_loadable(cfg)  # before any worker: one line, exit 78, as a single relay says it
             return Supervisor(cfg, config_path=args.config, serve_args=flags).run()
         return _serve_one(cfg, args.config, worker, overrides)
     except preflight.StartError as exc:
         print(f"bccguard: cannot start: {exc}", file=sys.stderr)
         return 1
+    except WorkerStartFailed as exc:
+        print(f"bccguard: cannot start: {exc}", file=sys.stderr)
+        return EX_CONFIG if exc.code == EX_CONFIG else 1
     except OSError as exc:  # not one of the sockets or paths preflight knows: name what we can
         where = f" on {exc.filename}" if exc.filename else ""
         print(f"bccguard: cannot start: {preflight.errno_words(exc)}{where}", file=sys.stderr)
@@ -655,8 +724,8 @@ def _print_result(args: argparse.Namespace, result: dict[str, Any], n_rcpts: int
         else:
             _print_human(result, n_rcpts)
         sys.stdout.flush()
-    except BrokenPipeError:
-        _stdout_closed()  # `check ... | head -1`: the reader has what it wanted; the verdict stands
+    except _OutputFailed as failed:  # `check m.eml | head -1`: the reader has it; the verdict stands
+        return _output_failed(failed, code)
     return code
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib.util
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -93,12 +94,28 @@ def _networks(values: list[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(v, strict=False) for v in values)
 
 
+# What no mail domain holds (non-ASCII is left to IDNA): "a.example, b.example"
+# in one entry, or "*.a.example", would match no address at all, and the
+# colleagues it was meant for would silently count as customers.
+_NOT_IN_DOMAIN = re.compile(r"[^A-Za-z0-9._\-\x80-\U0010ffff]")
+
+
 def _domains(values: list[str]) -> frozenset[str]:
     out = set()
     for v in values:
-        if not v or "@" in v or " " in v.strip():
-            raise ValueError(f"{v!r} is not a domain")
-        out.add(normalize_domain(v.lstrip(".")))
+        d = v.strip()
+        if d.startswith("[") and d.endswith("]"):  # an address literal, [192.0.2.1]
+            out.add(normalize_domain(d))
+            continue
+        bad = _NOT_IN_DOMAIN.search(d)
+        if not d.strip(".") or bad is not None:
+            hint = ""
+            if bad is not None and bad.group() in ", ;":
+                hint = " (one domain per entry: a list item each, or --internal-domain once per domain)"
+            elif bad is not None and bad.group() == "*":
+                hint = f" (subdomains are included: write {d.lstrip('*.')!r})"
+            raise ValueError(f"{v!r} is not a domain{hint}")
+        out.add(normalize_domain(d.lstrip(".")))
     return frozenset(out)
 
 
@@ -199,17 +216,25 @@ def _consumer(value: str | list[str]) -> frozenset[str]:
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-DURATION_FORMS = '"45s", "90m", "12h", "30d" or "2w"'
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+DURATION_FORMS = '"45s", "90m", "12h", "1h30m", "30d" or "2w"'
+# One or more number+unit parts, largest unit first, each unit at most once:
+# "1h30m" as Go, Prometheus and systemd write it; "30m1h" or "5m5m" is a typo.
+_DURATION_RE = re.compile(
+    r"(?:(\d+(?:\.\d+)?)\s*w\s*)?(?:(\d+(?:\.\d+)?)\s*d\s*)?(?:(\d+(?:\.\d+)?)\s*h\s*)?"
+    r"(?:(\d+(?:\.\d+)?)\s*m\s*)?(?:(\d+(?:\.\d+)?)\s*s)?"
+)
+_DURATION_STEPS = (604800, 86400, 3600, 60, 1)
 
 
 def parse_duration(value: str | int | float) -> float:
-    """The one duration syntax of bccguard: '45s', '90m', '12h', '30d', '2w' -> seconds.
+    """The one duration syntax of bccguard: '45s', '90m', '1h30m', '30d', '2w' -> seconds.
 
     Text needs a unit. Why: `purge --older-than 30` once meant 30 seconds and
     emptied a quarantine; an admin who writes "30" means days as often as
     seconds, so a bare number is refused with the forms that work. A TOML
     number (`timeout = 60.0`) is seconds, as the config always read it.
+    Zero, negative and non-finite values (TOML has `nan` and `inf`) are
+    refused: a timer of nan or inf seconds never fires, or fires at once.
     """
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like {DURATION_FORMS}")
@@ -218,15 +243,21 @@ def parse_duration(value: str | int | float) -> float:
     else:
         v = value.strip().lower()
         m = _DURATION_RE.fullmatch(v)
-        if m is None:
+        if not v or m is None:
+            rest = v[1:].lstrip()
+            if v.startswith("-") and rest and _DURATION_RE.fullmatch(rest):
+                raise ValueError(f"{value!r} is not a positive duration")
             try:
-                float(v)
+                if not math.isfinite(float(v)):
+                    raise ValueError(v)
             except ValueError:
                 raise ValueError(f"{value!r} is not a duration (use {DURATION_FORMS})") from None
             raise ValueError(f"{value!r} has no unit (use {DURATION_FORMS})")
-        seconds = float(m.group(1)) * DURATION_UNITS[m.group(2)]
-    if seconds <= 0:
+        seconds = sum(float(n) * step for n, step in zip(m.groups(), _DURATION_STEPS, strict=True) if n)
+    if not seconds > 0:  # also nan
         raise ValueError(f"{value!r} is not a positive duration")
+    if math.isinf(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     return seconds
 
 
@@ -943,6 +974,7 @@ def _cross_checks(cfg: Config, source: str) -> None:
         )
     if cfg.upstream.ca_file and not Path(cfg.upstream.ca_file).is_file():
         problems.append(f"upstream.ca_file: {cfg.upstream.ca_file} does not exist")
+    problems += _listen_clashes(cfg)
     if cfg.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         problems.append(
             "server.event_loop: uvloop is not installed (fix: pip install uvloop, or \"auto\")"
@@ -973,6 +1005,30 @@ def _milter_checks(cfg: Config) -> list[str]:
                 lookup(value)
             except KeyError:
                 problems.append(f"milter.{key}: no such {'user' if key == 'owner' else 'group'} {value!r}")
+    return problems
+
+
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _listen_clashes(cfg: Config) -> list[str]:
+    """Two of bccguard's own sockets on one port: serve (or the console) would fail with
+    "address already in use", and the fix it gives (find the other process) points at us."""
+    keys = [("server.listen", cfg.server.listen), ("metrics.listen", cfg.metrics.listen),
+            ("console.listen", cfg.console.listen)]  # fmt: skip
+    bound = [(key, *parse_hostport(value)) for key, value in keys if value]
+    if cfg.milter.listen:
+        kind, host, port = milter_listen(cfg.milter.listen)
+        if kind == "inet":
+            bound.append(("milter.listen", host, port))
+    problems = []
+    for i, (key_a, host_a, port_a) in enumerate(bound):
+        for key_b, host_b, port_b in bound[i + 1 :]:
+            same_host = host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS
+            if port_a and port_a == port_b and same_host:
+                problems.append(
+                    f"{key_b}: port {port_b} is also {key_a}'s (fix: give each its own port)"
+                )
     return problems
 
 

@@ -150,12 +150,26 @@ def _bind_fix(exc: OSError, key: str, value: str) -> str:
 
 
 def listen_problem(key: str, value: str) -> str | None:
-    """A listen address `serve` could not bind because its host does not resolve; None if fine."""
+    """Why `serve` could not bind `value` (a name that does not resolve, an address
+    that is not this machine's); None if fine.
+
+    Each resolved address is bound with port 0: that finds EADDRNOTAVAIL (a typo
+    in an IP, an address of another host, IPv6 switched off) without touching
+    the configured port, which a running relay may hold while its next config
+    is checked. Whether that port is free is for `serve` to find.
+    """
     host, port = parse_hostport(value)
     try:
-        socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         return f"{key} = {value!r}: host name not found ({exc.strerror}) (fix: use an IP address)"
+    for family, kind, proto, _, address in found:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.bind((address[0], 0, *address[2:]))
+        except OSError as exc:
+            fix = _bind_fix(exc, key, value)
+            return f"{key} = {value!r}: cannot bind {address[0]}: {errno_words(exc)} (fix: {fix})"
     return None
 
 
@@ -177,10 +191,16 @@ def dir_problem(key: str, path: Path) -> str | None:
     A missing directory is fine when `serve` could create it: its nearest
     existing parent must be a directory this user may write into.
     """
+    dangling = _dangling_link(key, path)
+    if dangling is not None:
+        reason, fix = dangling
+        return f"{key}: {path} {reason} (fix: {fix})"
     if path.exists():
         if not path.is_dir():
             return f"{key}: {path} is not a directory (fix: point {key} at a directory)"
         if not os.access(path, os.W_OK | os.X_OK):
+            if _read_only(path):
+                return f"{key}: {path} is on a read-only file system (EROFS) (fix: {_remount_fix(key)})"
             return (
                 f"{key}: {path} is not writable by {_user()} (fix: run as the relay's user, "
                 f"or chown/chmod it, or point {key} elsewhere)"
@@ -189,6 +209,11 @@ def dir_problem(key: str, path: Path) -> str | None:
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
+    if parent.is_dir() and _read_only(parent):
+        return (
+            f"{key}: {path} does not exist and cannot be created: {parent} is on a read-only "
+            f"file system (EROFS) (fix: {_remount_fix(key)})"
+        )
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return (
             f"{key}: {path} does not exist and {_user()} cannot create it in {parent} "
@@ -196,6 +221,32 @@ def dir_problem(key: str, path: Path) -> str | None:
             f"or point {key} elsewhere)"
         )
     return None
+
+
+def _read_only(path: Path) -> bool:
+    """True when `path` sits on a file system mounted read-only: EROFS, not a permission."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _remount_fix(key: str) -> str:
+    return f"mount it read-write (a volume mounted :ro?), or point {key} elsewhere"
+
+
+def _dangling_link(key: str, path: Path) -> tuple[str, str] | None:
+    """Why a symbolic link whose target is missing cannot be used, and the fix; or None.
+
+    mkdir() refuses to create through it (EEXIST), and creating the target
+    would be wrong anyway: it is most often a volume not mounted yet.
+    """
+    if not path.is_symlink() or path.exists():
+        return None
+    return (
+        f"is a symbolic link to {path.readlink()}, which does not exist",
+        f"create the target or mount its volume, or point {key} elsewhere",
+    )
 
 
 def prepare_dirs(cfg: Config) -> list[tuple[str, Path]]:
@@ -206,6 +257,9 @@ def prepare_dirs(cfg: Config) -> list[tuple[str, Path]]:
     created = []
     for key, path in state_dirs(cfg):
         existed = path.is_dir()
+        dangling = _dangling_link(key, path)
+        if dangling is not None:
+            raise StartError(key, str(path), *dangling)
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -214,6 +268,8 @@ def prepare_dirs(cfg: Config) -> list[tuple[str, Path]]:
                 f"create it for the relay's user, or point {key} elsewhere",
             ) from None  # fmt: skip
         if not os.access(path, os.W_OK | os.X_OK):
+            if _read_only(path):
+                raise StartError(key, str(path), "read-only file system (EROFS)", _remount_fix(key))
             raise StartError(
                 key, str(path), f"not writable by {_user()}: permission denied (EACCES)",
                 f"run as the relay's user, or chown it, or point {key} elsewhere",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -109,9 +110,27 @@ class Retrier:
                 if not force and entry.next_attempt > now:
                     continue
                 n += 1
-                pending[entry.id] = await self._attempt(entry, force=force)
+                try:
+                    pending[entry.id] = await self._attempt(entry, force=force)
+                except OSError as exc:
+                    # The spool itself cannot be written (a DSN, a journal line, a
+                    # retry state): the entry stays as it is on disk and is tried
+                    # again, nothing is lost; the other entries still get their turn.
+                    self._store_failed(entry, exc)
             rt.metrics.spool_set(sum(1 for v in pending.values() if v), sum(pending.values()))
             return n
+
+    def _store_failed(self, entry: SpoolEntry, exc: OSError) -> None:
+        """Counted and logged as the relay's own spool writes are (Relay._store_failed)."""
+        rt = self.rt
+        rt.metrics.store_write_failure("spool")
+        rt.log.error(
+            "spool_write_failed",
+            spool_id=entry.id,
+            path=str(exc.filename or rt.spool.path),
+            errno=errno.errorcode.get(exc.errno or 0, ""),
+            error=exc.strerror or type(exc).__name__,
+        )
 
     async def _attempt(self, entry: SpoolEntry, *, force: bool) -> int:
         """Try the entry's due copies in order; returns how many copies are left.

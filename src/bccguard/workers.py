@@ -116,6 +116,14 @@ class WorkerRole:
             pass
 
 
+class WorkerStartFailed(Exception):
+    """A worker exited before it listened; it said why on stderr itself."""
+
+    def __init__(self, index: int, code: int) -> None:
+        super().__init__(f"worker {index} exited with code {code} during start (its error is above)")
+        self.code = code
+
+
 def reserve_port(listen: str) -> tuple[socket.socket, str, int]:
     """Bind (no listen) a SO_REUSEPORT socket: holds the port and resolves `:0`."""
     host, port = parse_hostport(listen)
@@ -218,7 +226,7 @@ class Supervisor:
             self._poll_ready(0.2)
             for w in self.workers:
                 if w.proc is not None and w.proc.poll() is not None and not w.ready:
-                    raise RuntimeError(f"worker {w.index} exited with {w.proc.returncode} during start")
+                    raise WorkerStartFailed(w.index, w.proc.returncode)
         self._log("workers_started", workers=self.count, port=self.port)
 
     def _setup_metrics_dir(self) -> None:

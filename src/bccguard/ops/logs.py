@@ -28,9 +28,10 @@ def address_hash(address: str) -> str:
     ).hexdigest()
 
 
-# Any token holding an "@": what an upstream reply, a spool record or one of our
-# own replies may quote of an address, replaced before it is written anywhere.
-ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"']*@[^\s<>()\[\],;:\"']*")
+# Any token holding an "@", or its URL encoding "%40" (upstreams link to a
+# help page "?u=alice%40example.com"): what an upstream reply, a spool record or
+# one of our own replies may quote of an address, replaced before it is written anywhere.
+ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"']*(?:@|%40)[^\s<>()\[\],;:\"']*")
 
 
 def redact(text: str, limit: int = 400) -> str:

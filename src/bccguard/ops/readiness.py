@@ -9,7 +9,7 @@ The rule:
   probe runs every 15 s when traffic does not prove the upstream alive);
 - not ready at once when the latest failure, newer than the latest success,
   is one a retry will not cure by itself: the upstream refusing the session
-  (greeting or EHLO), or a Maildir outbox that cannot be written. The text
+  (greeting, EHLO or STARTTLS), or a Maildir outbox that cannot be written. The text
   names it, so the admin looks at the right thing;
 - ready, with a warning, when the upstream lacks an extension bccguard
   advertises (8BITMIME, SMTPUTF8, a SIZE at least ours): the mail that needs
@@ -87,7 +87,7 @@ def _blocking_reason(kind: str, outbox: str | None) -> str:
     if kind == "storage":
         where = f"outbox {outbox}" if outbox else "local store"
         return f"{where} not writable (could not store; the log names the path and errno)"
-    return "upstream refused the session (greeting or EHLO); the log has its reply code"
+    return "upstream refused the session (greeting, EHLO or STARTTLS); the log has its reply code"
 
 
 __all__ = [

@@ -91,7 +91,8 @@ class UpstreamError(Exception):
       protocol  the upstream's reply was malformed (over 512 octets, not ASCII,
                 not ended by CRLF, no valid code), or out of sequence
       session   the upstream refused the session itself with a 5xx (greeting,
-                EHLO/HELO, RSET): never the message's fault, never passed on
+                EHLO/HELO, STARTTLS, RSET) or does not offer the STARTTLS the
+                url requires: never the message's fault, never passed on
                 as permanent
       capability  the message needs what the upstream does not offer (8BITMIME)
       storage   a local store (the Maildir outbox) could not be written;
@@ -135,7 +136,7 @@ class UpstreamError(Exception):
 
     @classmethod
     def session_refused(cls, reason: str, reply: Reply) -> UpstreamError:
-        """A refusal of the session (greeting, EHLO/HELO, RSET).
+        """A refusal of the session (greeting, EHLO/HELO, STARTTLS, RSET).
 
         A 554 greeting says "not you" to bccguard, not "this message is
         undeliverable": passing it on would make the sender's MTA bounce mail

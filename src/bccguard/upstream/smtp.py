@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
-from bccguard.config import UpstreamConfig
+from bccguard.config import ConfigError, UpstreamConfig
 from bccguard.upstream import (
     DeliveryResult,
     Reply,
@@ -357,8 +357,19 @@ def _parse_ehlo(reply: Reply) -> dict[str, str]:
 
 
 def make_tls_context(cfg: UpstreamConfig) -> ssl.SSLContext:
-    """Verification on by default (system CAs or cfg.ca_file); verify_tls=false opts out."""
-    ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+    """Verification on by default (system CAs or cfg.ca_file); verify_tls=false opts out.
+
+    A ca_file that does not load (empty, not PEM, unreadable) is a ConfigError,
+    as a server certificate that does not load is (smtp/tls.py): exit 78 with
+    one line naming the key, and a reload keeps the old upstream.
+    """
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(
+            [f"upstream.ca_file: cannot load {cfg.ca_file} ({reason}) (fix: a PEM file of CA certificates)"]
+        ) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if not cfg.verify_tls:
         ctx.check_hostname = False
@@ -630,11 +641,16 @@ class SMTPUpstream:
 
     async def _starttls(self, conn: Connection) -> None:
         assert self._tls is not None  # set for every TLS scheme
+        # Required TLS the upstream will not give is a refusal of the session, as a
+        # 554 greeting is: nothing but an admin cures it (kind "session": 451 4.4.1
+        # and /readyz at once). A 454 is the passing kind; a failed handshake "tls".
         if "STARTTLS" not in conn.extensions:
-            raise UpstreamError("tls", "upstream does not offer STARTTLS")
+            raise UpstreamError("session", "upstream does not offer STARTTLS, which the url requires")
         reply = await conn.command(b"STARTTLS\r\n", "STARTTLS")
         if reply.code != 220:
-            raise UpstreamError("tls", "upstream refused STARTTLS", reply)
+            if reply.is_temporary or reply.is_permanent:
+                raise UpstreamError.session_refused("upstream refused STARTTLS", reply)
+            raise UpstreamError("protocol", "STARTTLS answered with neither 220 nor a refusal", reply)
         # Anything already buffered was sent before the handshake and could be
         # injected by a man in the middle (CVE-2011-0411 style): refuse it.
         if conn.pending() or bool(getattr(conn.reader, "_buffer", b"")):
