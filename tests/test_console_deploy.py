@@ -74,14 +74,14 @@ def test_console_config_agrees_with_the_relays() -> None:
 async def test_console_user_add_list_change_remove(tmp_path: Path) -> None:
     users = str(tmp_path / "users")
     rc, out, err = await cli("console-user", "add", "rita", "--role", "reviewer", "--file", users,
-                             stdin="s3cret\n")  # fmt: skip
+                             stdin="s3cret-enough-1\n")  # fmt: skip
     assert rc == 0 and "added rita (reviewer)" in out, err
     line = await asyncio.to_thread(Path(users).read_text)
     assert line.startswith("rita:reviewer:$scrypt$ln=15,r=8,p=1$") and "s3cret" not in line
     assert stat.S_IMODE((await asyncio.to_thread(Path(users).stat)).st_mode) == 0o600
-    rc, out, _ = await cli("console-user", "add", "rita", "--role", "admin", "--file", users, stdin="x\n")
+    rc, out, _ = await cli("console-user", "add", "rita", "--role", "admin", "--file", users, stdin="x-long-enough-2\n")
     assert rc == 0 and "updated rita (admin)" in out
-    rc, out, _ = await cli("console-user", "add", "adam", "--role", "admin", "--file", users, stdin="y\n")
+    rc, out, _ = await cli("console-user", "add", "adam", "--role", "admin", "--file", users, stdin="y-long-enough-3\n")
     rc, out, _ = await cli("console-user", "list", "--file", users)
     assert (rc, out) == (0, "adam\tadmin\nrita\tadmin\n")
     rc, out, _ = await cli("console-user", "remove", "rita", "--file", users)
@@ -91,7 +91,8 @@ async def test_console_user_add_list_change_remove(tmp_path: Path) -> None:
 
     for args, stdin, why in (
         (["add", "bob@corp.example", "--role", "admin"], "pw\n", "bad name"),
-        (["add", "bob", "--role", "admin"], "\n", "empty password"),
+        (["add", "bob", "--role", "admin"], "\n", "at least 12 are needed"),
+        (["add", "bob", "--role", "admin"], "short-pw-11\n", "the password has 11 characters"),
         (["remove", "nobody"], "", "no account nobody"),
         (["list"], "", None),
     ):

@@ -330,7 +330,6 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def cmd_console_user(args: argparse.Namespace) -> int:
     """Add, remove or list console accounts; the password never touches argv."""
-    import getpass
 
     from bccguard.console import accounts as acc
 
@@ -355,15 +354,8 @@ def cmd_console_user(args: argparse.Namespace) -> int:
                 return EX_USAGE
             print(f"{path}: removed {args.name} (their console sessions end at once)")
             return EX_OK
-        if sys.stdin.isatty():
-            password = getpass.getpass(f"Password for {args.name}: ")
-            if getpass.getpass("Again: ") != password:
-                print("bccguard: the passwords differ; nothing changed", file=sys.stderr)
-                return EX_USAGE
-        else:
-            password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            print("bccguard: empty password; nothing changed", file=sys.stderr)
+        password = _read_password(args.name)
+        if password is None:
             return EX_USAGE
         existed = acc.add(path, args.name, args.role, password)
     except acc.AccountsError as exc:
@@ -525,9 +517,34 @@ def _serve_one(cfg: Config, config_path: str | None, worker: Any, overrides: dic
         return runner.run(run())
 
 
+def _read_password(name: str) -> str | None:
+    """A new password for `name`: asked twice on a terminal, else one line of stdin; None: refused.
+
+    One rule for SMTP AUTH users (`passwd`) and console accounts (`console-user
+    add`): at least MIN_PASSWORD characters, since anyone who reaches either
+    port may guess, and the password never touches argv.
+    """
+    import getpass
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {name}: ")
+        if getpass.getpass("Again: ") != password:
+            print("bccguard: the passwords differ; nothing changed", file=sys.stderr)
+            return None
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD:
+        print(
+            f"bccguard: the password has {len(password)} characters, at least {MIN_PASSWORD} are needed "
+            "(fix: a longer one; anyone who reaches the port may guess); nothing changed",
+            file=sys.stderr,
+        )
+        return None
+    return password
+
+
 def cmd_passwd(args: argparse.Namespace) -> int:
     """Add or update one user of the AUTH credentials file; the password never touches argv."""
-    import getpass
 
     from bccguard.smtp.auth import CredentialsError, set_password, user_problem
 
@@ -540,19 +557,8 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"bccguard: bad user name: {problem}", file=sys.stderr)
         return EX_USAGE
-    if sys.stdin.isatty():
-        password = getpass.getpass(f"Password for {args.user}: ")
-        if getpass.getpass("Again: ") != password:
-            print("bccguard: the passwords differ; nothing changed", file=sys.stderr)
-            return EX_USAGE
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if len(password) < MIN_PASSWORD:
-        print(
-            f"bccguard: the password has {len(password)} characters, at least {MIN_PASSWORD} are needed "
-            "(fix: a longer one; anyone who reaches the port may guess); nothing changed",
-            file=sys.stderr,
-        )
+    password = _read_password(args.user)
+    if password is None:
         return EX_USAGE
     try:
         existed = set_password(path, args.user, password)
