@@ -79,9 +79,11 @@ async def test_console_user_add_list_change_remove(tmp_path: Path) -> None:
     line = await asyncio.to_thread(Path(users).read_text)
     assert line.startswith("rita:reviewer:$scrypt$ln=15,r=8,p=1$") and "s3cret" not in line
     assert stat.S_IMODE((await asyncio.to_thread(Path(users).stat)).st_mode) == 0o600
-    rc, out, _ = await cli("console-user", "add", "rita", "--role", "admin", "--file", users, stdin="x-long-enough\n")
+    rc, out, _ = await cli("console-user", "add", "rita", "--role", "admin", "--file", users,
+                           stdin="x-long-enough\n")  # fmt: skip
     assert rc == 0 and "updated rita (admin)" in out
-    rc, out, _ = await cli("console-user", "add", "adam", "--role", "admin", "--file", users, stdin="y-long-enough\n")
+    rc, out, _ = await cli("console-user", "add", "adam", "--role", "admin", "--file", users,
+                           stdin="y-long-enough\n")  # fmt: skip
     rc, out, _ = await cli("console-user", "list", "--file", users)
     assert (rc, out) == (0, "adam\tadmin\nrita\tadmin\n")
     rc, out, _ = await cli("console-user", "remove", "rita", "--file", users)
