@@ -14,6 +14,11 @@ EOH, BODY, EOM (answered), QUIT. Only this process's CPU is counted.
 
 `--profile out.pstats` runs one pass under cProfile (read it with
 `python -m pstats`); CPU numbers from that pass are not comparable.
+
+Where the time goes: `--part edge` answers every message without deciding
+(Relay.process replaced by a stub: the milter edge alone), `--part floor`
+serves the same client with a bare uvloop Protocol that only answers
+OPTNEG and EOM (the event loop and the kernel: what no Python change removes).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 SENDER = "news@corp.example"
 RCPT = "rcpt@ext.example"
@@ -116,6 +122,49 @@ def _config(workdir: Path) -> object:
     })  # fmt: skip
 
 
+class _Floor(asyncio.Protocol):
+    """The least a milter can do per packet: split them, answer OPTNEG and EOM, close on QUIT."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while len(self.buf) >= 4:
+            (size,) = struct.unpack_from(">I", self.buf)
+            if len(self.buf) < 4 + size:
+                break
+            cmd, self.buf = self.buf[4:5], self.buf[4 + size :]
+            if cmd == b"O":
+                self.t.write(_packet(b"O", struct.pack(">III", 6, 0, 0)))
+            elif cmd == b"E":
+                self.t.write(_packet(b"c"))
+            elif cmd == b"Q":
+                self.t.close()
+
+
+async def run_floor(sessions: int, repeat: int, gap: float) -> list[float]:
+    server = await asyncio.get_running_loop().create_server(_Floor, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await _pass(port, 50, gap)
+        return [await _pass(port, sessions, gap) * 1000 / sessions for _ in range(repeat)]
+    finally:
+        server.close()
+
+
+def stub_decisions() -> None:
+    """`--part edge`: every message passes unchanged without being decided (never in production)."""
+    from bccguard.relay import Relay
+
+    async def process(self: Relay, **kw: Any) -> str:
+        kw["handoff"].edits = []
+        return "250 2.0.0 Ok"
+
+    Relay.process = process  # type: ignore[method-assign]
+
+
 async def run(sessions: int, repeat: int, profile: str, gap: float) -> list[float]:
     from bccguard.app import App
     from bccguard.ops.logs import configure
@@ -171,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", default="", help="also write a cProfile of one pass to this file")
     ap.add_argument("--gap", type=float, default=0.0002, help="seconds between packets (default 0.0002)")
+    ap.add_argument("--part", choices=("all", "edge", "floor"), default="all", help="see above")
     ap.add_argument("--client", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.client:
@@ -178,9 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     from bccguard.app import loop_factory
 
     with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:  # uvloop, as `serve` runs
-        results = runner.run(run(args.sessions, args.repeat, args.profile, args.gap))
+        if args.part == "floor":
+            results = runner.run(run_floor(args.sessions, args.repeat, args.gap))
+        else:
+            if args.part == "edge":
+                stub_decisions()
+            results = runner.run(run(args.sessions, args.repeat, args.profile, args.gap))
     runs = ", ".join(f"{r:.3f}" for r in results)
-    print(f"bccguard CPU per milter session, shape (a): min {min(results):.3f} ms (runs: {runs}; "
+    print(f"{args.part}: CPU per milter session, shape (a): min {min(results):.3f} ms (runs: {runs}; "
           f"{args.sessions} sessions each)")  # fmt: skip
     return 0
 
