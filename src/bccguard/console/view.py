@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
+from functools import partial
 from html.parser import HTMLParser
 from typing import Any
 
@@ -45,6 +46,11 @@ def sender_domain(mail_from: str) -> str:
 # ------------------------------------------------------------------ list
 
 
+def _query_value(q: Any, key: str) -> str:
+    """One filter field from the query string: trimmed, at most 200 characters."""
+    return str(q.get(key, "")).strip()[:200]
+
+
 @dataclass(frozen=True)
 class Filters:
     since: str = ""  # YYYY-MM-DD, UTC, inclusive
@@ -56,9 +62,7 @@ class Filters:
 
     @classmethod
     def from_query(cls, q: Any) -> Filters:
-        def get(k: str) -> str:
-            return str(q.get(k, "")).strip()[:200]
-
+        get = partial(_query_value, q)
         domain = get("domain").rpartition("@")[2].lower()  # an address typed in: its domain only
         return cls(get("since"), get("until"), get("rule"), get("reason"), domain, get("subject"))
 
@@ -300,9 +304,7 @@ class AuditFilters:
 
     @classmethod
     def from_query(cls, q: Any) -> AuditFilters:
-        def get(k: str) -> str:
-            return str(q.get(k, "")).strip()[:200]
-
+        get = partial(_query_value, q)
         return cls(get("who"), get("what"), get("id"), get("result"), get("since"), get("until"))
 
     def query(self) -> dict[str, str]:
