@@ -32,6 +32,7 @@ from test_upstream_faults import (
     VALID_REPLY,
     RawUpstream,
     failures,
+    final_reply_is_a_protocol_failure,
     send,
     served_afterwards,
 )
@@ -74,14 +75,7 @@ BROKEN_MULTILINE = {
 async def test_a_multiline_final_reply_broken_midway_is_451_4_4_2(
     start_relay: StartRelay, raw: RawUpstream, reply: bytes
 ) -> None:
-    app = await start_relay(raw.url, {"upstream": {"timeout": 1.0}})
-    raw.final = reply
-    with structlog.testing.capture_logs() as logs:
-        code, text = await send(app)
-    assert (code, text[:6]) == (451, b"4.4.2 ")
-    assert failures(app, "protocol") + failures(app, "timeout") == 1
-    assert_no_address(logs)
-    await served_afterwards(app, raw)
+    await final_reply_is_a_protocol_failure(start_relay, raw, reply)
 
 
 @pytest.mark.parametrize("where", ["greeting", "ehlo", "mail", "rcpt"])

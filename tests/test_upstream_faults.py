@@ -254,6 +254,11 @@ MALFORMED = {
 async def test_malformed_final_reply_is_a_protocol_failure(
     start_relay: StartRelay, raw: RawUpstream, reply: bytes
 ) -> None:
+    await final_reply_is_a_protocol_failure(start_relay, raw, reply)
+
+
+async def final_reply_is_a_protocol_failure(start_relay: StartRelay, raw: RawUpstream, reply: bytes) -> None:
+    """`reply` to the final dot: 451 4.4.2, counted, no address logged, and the relay serves on."""
     app = await start_relay(raw.url, {"upstream": {"timeout": 1.0}})
     raw.final = reply
     with structlog.testing.capture_logs() as logs:
